@@ -1,0 +1,220 @@
+"""Normalised job events and their CloudEvents 1.0 envelope.
+
+Normalisers produce `Observation`s (what a provider said, nothing decided). The tracker turns
+them into `Event`s (sequenced, with the job's state before and after), which are journaled and
+served as CloudEvents. Everything here is immutable and encodes with msgspec.
+"""
+
+from __future__ import annotations
+
+import enum
+import time as _time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+
+class State(enum.StrEnum):
+    QUEUED = "queued"
+    ACCEPTED = "accepted"
+    PREPROCESSING = "preprocessing"
+    RUNNING = "running"
+    POSTPROCESSING = "postprocessing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED})
+
+
+class Origin(enum.StrEnum):
+    PUSH = "push"  # a provider's push channel (SSE, WebSocket)
+    POLL = "poll"  # a status poll (repair or polled provider)
+    REQUEST = "request"  # the answer to our own submit/cancel request
+    DAEMON = "daemon"  # decided by streamd itself (stalled, archived, expired)
+
+
+class Kind(enum.StrEnum):
+    STATE = "state"  # the job moved to `status`
+    PROGRESS = "progress"
+    LOG = "log"
+    STALLED = "stalled"
+    DIAGNOSTIC = "diagnostic"  # a frame or value we did not understand; kept, never dropped
+    ARCHIVED = "archived"
+    EXPIRED = "expired"
+    HEALTH = "health"  # a provider connection's health; job is None
+
+
+class Health(enum.StrEnum):
+    STARTING = "starting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    AUTH_FAILED = "auth_failed"
+    RATE_LIMITED = "rate_limited"
+    POLLING = "polling"  # a provider with no push channel, polling fine
+    DOWN = "down"
+    STOPPED = "stopped"
+
+
+class Progress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    percent: float | None = None
+    step: int | None = None
+    steps: int | None = None
+    eta: float | None = None  # seconds remaining, when the provider says
+
+
+class Observation(msgspec.Struct, frozen=True, kw_only=True):
+    """One fact from a provider, as a normaliser read it. Pure data; the tracker decides."""
+
+    provider: str
+    job: str | None
+    kind: Kind
+    upstream: str  # the provider's own name for what happened
+    origin: Origin
+    state: State | None = None  # for Kind.STATE: the state the provider reports
+    model: str | None = None
+    prompt: str | None = None
+    outputs: tuple[str, ...] = ()
+    error: str | None = None
+    cost: float | None = None
+    progress: Progress | None = None
+    message: str | None = None  # log text, diagnostic detail, health detail
+    health: Health | None = None
+    delay: float | None = None  # health: seconds until the next attempt
+    raw: Any = None  # the provider's payload, secrets removed
+    at: float | None = None  # when the provider says it happened (unix seconds)
+
+
+class EventData(msgspec.Struct, frozen=True, kw_only=True):
+    """The `data` of a CloudEvent: lifecycle.md's minimum fields plus kind-specific ones."""
+
+    provider: str
+    job: str | None
+    kind: Kind
+    status: State | None  # the job's state after this event
+    previous: State | None  # the job's state before this event
+    upstream: str
+    origin: Origin
+    model: str | None = None
+    outputs: tuple[str, ...] = ()
+    error: str | None = None
+    cost: float | None = None
+    progress: Progress | None = None
+    message: str | None = None
+    health: Health | None = None
+    delay: float | None = None
+    prompt: str | None = None
+    paths: tuple[str, ...] = ()  # local archived copies of outputs
+    raw: Any = None
+
+
+class CloudEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """CloudEvents 1.0, structured JSON mode, with the integer extension attribute `seq`."""
+
+    specversion: str = "1.0"  # first, so a reader can tell an event line by its first bytes
+    id: str
+    source: str
+    type: str
+    time: str
+    subject: str
+    datacontenttype: str = "application/json"
+    seq: int
+    data: EventData
+
+
+TYPE_PREFIX = "ai.streamd."
+
+
+def event_type(data: EventData) -> str:
+    """`ai.streamd.job.completed`, `ai.streamd.job.progress`, `ai.streamd.provider.health`..."""
+    if data.kind is Kind.HEALTH:
+        return TYPE_PREFIX + "provider.health"
+    if data.kind is Kind.STATE and data.status is not None:
+        return TYPE_PREFIX + "job." + data.status.value
+    return TYPE_PREFIX + "job." + data.kind.value
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def envelope(data: EventData, *, seq: int, epoch: str, source: str, at: float | None = None) -> CloudEvent:
+    """Wrap `data` as the CloudEvent numbered `seq` in journal `epoch`.
+
+    `id` is unique per (epoch, seq), which is what CloudEvents asks of (source, id).
+    """
+    subject = f"{data.provider}/{data.job}" if data.job is not None else data.provider
+    return CloudEvent(
+        id=f"{epoch}-{seq}",
+        source=source,
+        type=event_type(data),
+        time=rfc3339(_time.time() if at is None else at),
+        subject=subject,
+        seq=seq,
+        data=data,
+    )
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """A job's current view: what `jobs` and snapshots return. Mutable only inside the tracker."""
+
+    provider: str
+    job: str
+    status: State
+    model: str | None = None
+    prompt: str | None = None
+    outputs: tuple[str, ...] = ()
+    error: str | None = None
+    cost: float | None = None
+    progress: Progress | None = None
+    paths: tuple[str, ...] = ()
+    created: float = 0.0  # when streamd first saw it
+    updated: float = 0.0  # last event of any kind
+    since: float = 0.0  # when it entered `status`
+    seq: int = 0  # seq of its last event
+    upstream: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.provider, self.job)
+
+
+SECRET_KEYS = frozenset(
+    {
+        "apikey",
+        "api_key",
+        "x-api-key",
+        "authorization",
+        "socketaccesstoken",
+        "tasktoken",
+        "token",
+        "secret",
+        "x-signature",
+        "signature",
+        "password",
+    }
+)
+REDACTED = "[redacted]"
+
+
+def scrub(raw: Any, *, depth: int = 0) -> Any:
+    """A copy of a provider payload with credential fields replaced, so raw data is safe to serve."""
+    if depth > 32:
+        return REDACTED
+    if isinstance(raw, Mapping):
+        return {k: (REDACTED if str(k).lower() in SECRET_KEYS else scrub(v, depth=depth + 1)) for k, v in raw.items()}
+    if isinstance(raw, list | tuple):
+        return [scrub(v, depth=depth + 1) for v in raw]
+    return raw
+
+
+json_encoder = msgspec.json.Encoder()
+cloud_decoder = msgspec.json.Decoder(CloudEvent)
+job_decoder = msgspec.json.Decoder(Job)
