@@ -77,9 +77,9 @@ class RecordingContext:
         """The state sequence a subscriber saw for `job`."""
         return [e.status.value for e in self.events if e.job == job and e.kind is Kind.STATE and e.status]
 
-    async def wait_for(self, predicate: object, timeout: float = 20.0) -> None:
+    async def wait_for(self, predicate: object, within: float = 20.0) -> None:
         """Wait until predicate() is true, re-checking after every emit."""
         assert callable(predicate)
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(within):
             while not predicate():
                 await self._changed.wait()
