@@ -1,0 +1,135 @@
+"""Fan-out of journaled events to subscribers, each with a bounded buffer.
+
+Publishing never waits. A subscriber whose buffer fills is marked lagging and stops receiving
+live events; its sender then reads what it missed from the journal and rejoins the live stream
+once it has caught up. History older than the journal keeps is reported as a gap. Memory per
+subscriber is at most `limit` references to event bytes shared by all subscribers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+
+from streamd.events import EventData, cloud_decoder
+from streamd.filters import MATCH_ALL, Filter
+
+Fetch = Callable[[int, int], Awaitable[list[tuple[int, bytes]]]]
+
+
+@dataclass(slots=True, frozen=True)
+class Item:
+    seq: int
+    body: bytes  # the CloudEvent line without its newline, as journaled
+    data: EventData
+
+
+@dataclass(slots=True, frozen=True)
+class GapNotice:
+    first: int
+    last: int
+
+
+@dataclass(slots=True, frozen=True)
+class LiveNotice:
+    """The subscriber has caught up; sent once, the first time."""
+
+    seq: int
+
+
+class Subscriber:
+    __slots__ = ("_wake", "announced", "buffer", "closed", "cursor", "filter", "lagging", "limit", "overflows")
+
+    def __init__(self, flt: Filter, cursor: int, limit: int) -> None:
+        self.filter = flt
+        self.cursor = cursor  # every matching event with seq <= cursor has been handed over
+        self.limit = limit
+        self.buffer: deque[Item] = deque()
+        self.lagging = True  # until the first catch-up check attaches it to the live stream
+        self.closed = False
+        self.overflows = 0
+        self.announced = False
+        self._wake = anyio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def wait(self) -> None:
+        await self._wake.wait()
+        self._wake = anyio.Event()
+
+
+class Bus:
+    def __init__(self, head: int, fetch: Fetch, oldest: Callable[[], int], *, limit: int = 4096) -> None:
+        self.head = head  # the newest published seq
+        self._fetch = fetch
+        self._oldest = oldest
+        self.limit = limit
+        self.subscribers: set[Subscriber] = set()
+        self.published = 0
+
+    def publish(self, items: list[Item]) -> None:
+        if not items:
+            return
+        self.head = items[-1].seq
+        self.published += len(items)
+        for sub in self.subscribers:
+            if sub.lagging:
+                continue
+            flt = sub.filter
+            for item in items:
+                if item.seq <= sub.cursor:
+                    continue  # already read from the journal while catching up
+                if flt and not flt(item.data):
+                    sub.cursor = item.seq
+                    continue
+                if len(sub.buffer) >= sub.limit:
+                    sub.lagging = True
+                    sub.overflows += 1
+                    break
+                sub.buffer.append(item)
+                sub.cursor = item.seq
+            sub.wake()
+
+    def subscribe(self, cursor: int, flt: Filter = MATCH_ALL) -> Subscriber:
+        sub = Subscriber(flt, cursor, self.limit)
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        sub.closed = True
+        self.subscribers.discard(sub)
+        sub.wake()
+
+    async def stream(self, sub: Subscriber) -> AsyncIterator[list[bytes] | GapNotice | LiveNotice]:
+        """What to send `sub`, batch by batch, in seq order: event bodies, or a gap notice."""
+        while not sub.closed:
+            if sub.buffer:
+                batch = [item.body for item in sub.buffer]
+                sub.buffer.clear()
+                yield batch
+                continue
+            if sub.lagging:
+                oldest = self._oldest()
+                if sub.cursor + 1 < oldest:
+                    gap = GapNotice(sub.cursor + 1, oldest - 1)
+                    sub.cursor = oldest - 1
+                    yield gap
+                    continue
+                rows = [] if sub.cursor >= self.head else await self._fetch(sub.cursor, 1000)
+                if not rows:
+                    sub.lagging = False  # caught up: from here on, publish() feeds the buffer
+                    if not sub.announced:
+                        sub.announced = True
+                        yield LiveNotice(sub.cursor)
+                    continue
+                flt = sub.filter
+                bodies = [b for _, b in rows if not flt or flt(cloud_decoder.decode(b).data)]
+                sub.cursor = max(sub.cursor, rows[-1][0])
+                if bodies:
+                    yield bodies
+                continue
+            await sub.wait()

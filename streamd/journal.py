@@ -1,0 +1,275 @@
+"""The journal: every event, appended before anyone sees it, plus the job store.
+
+SQLite in WAL mode. One writer connection, used by one worker thread at a time; readers get
+their own connection so catch-up and snapshots never wait for a write. Events are stored as the
+exact CloudEvent bytes served on the feed, so replay costs no re-encoding.
+
+The epoch is a random id made when the journal is created: a client holding a seq from another
+epoch knows its cursor means nothing here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from streamd.events import Job, job_decoder
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    provider TEXT NOT NULL,
+    job TEXT NOT NULL,
+    terminal INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    body BLOB NOT NULL,
+    follow BLOB,
+    PRIMARY KEY (provider, job)
+);
+CREATE INDEX IF NOT EXISTS jobs_live ON jobs (terminal, updated);
+"""
+
+
+class JournalError(Exception):
+    """The journal cannot be written or read; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One event to write, with the job row it leaves behind (None for health events)."""
+
+    seq: int
+    time: float
+    body: bytes
+    job_key: tuple[str, str] | None = None
+    job_body: bytes | None = None
+    terminal: bool = False
+
+
+@dataclass(frozen=True)
+class Retention:
+    max_events: int = 1_000_000
+    max_age: float = 30 * 86400.0
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class Journal:
+    """Blocking API; call it from a worker thread (the daemon does, through anyio.to_thread)."""
+
+    def __init__(self, path: Path, retention: Retention | None = None) -> None:
+        self.path = path
+        self.retention = retention or Retention()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._w = _connect(path)
+            self._w.executescript(SCHEMA)
+            self._r = _connect(path)
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {path}: cannot open: {exc}") from None
+        except OSError as exc:
+            raise JournalError(f"journal {path}: cannot create its folder: {exc.strerror}") from None
+        self._wlock = threading.Lock()
+        self._rlock = threading.Lock()
+        self.epoch = self._meta("epoch") or self._new_epoch()
+        row = self._w.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
+        self.last_seq: int = row[1] or int(self._meta("last_seq") or 0)
+        self.oldest: int = row[0] or self.last_seq + 1
+        self._appends_since_trim = 0
+
+    # -- meta --------------------------------------------------------------------------------
+    def _meta(self, key: str) -> str | None:
+        row = self._w.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _new_epoch(self) -> str:
+        epoch = secrets.token_hex(8)
+        self._w.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (epoch,))
+        self._w.execute("INSERT OR REPLACE INTO meta VALUES ('created', ?)", (str(time.time()),))
+        return epoch
+
+    def get_meta(self, key: str) -> str | None:
+        with self._wlock:
+            return self._meta(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._wlock:
+            self._w.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- writing ---------------------------------------------------------------------------------
+    def append(self, batch: Sequence[Append]) -> None:
+        """Write a batch in one transaction; on failure nothing of it is written."""
+        if not batch:
+            return
+        jobs: dict[tuple[str, str], Append] = {}
+        for a in batch:
+            if a.job_key is not None and a.job_body is not None:
+                jobs[a.job_key] = a
+        with self._wlock:
+            try:
+                self._w.execute("BEGIN IMMEDIATE")
+                self._w.executemany(
+                    "INSERT INTO events (seq, time, body) VALUES (?, ?, ?)", [(a.seq, a.time, a.body) for a in batch]
+                )
+                if jobs:
+                    self._w.executemany(
+                        "INSERT INTO jobs (provider, job, terminal, updated, body) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (provider, job) DO UPDATE SET terminal = excluded.terminal, "
+                        "updated = excluded.updated, body = excluded.body",
+                        [(k[0], k[1], int(a.terminal), a.time, a.job_body) for k, a in jobs.items()],
+                    )
+                self._w.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(batch[-1].seq),))
+                self._w.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._w.in_transaction:
+                    self._w.execute("ROLLBACK")
+                raise JournalError(f"journal {self.path}: write failed: {exc}") from None
+            self.last_seq = batch[-1].seq
+            if self.oldest > batch[0].seq:
+                self.oldest = batch[0].seq
+            self._appends_since_trim += len(batch)
+            if self._appends_since_trim >= 10_000:
+                self._trim()
+
+    def trim(self, now: float | None = None) -> int:
+        """Apply retention now; returns the number of events removed."""
+        with self._wlock:
+            return self._trim(now)
+
+    def _trim(self, now: float | None = None) -> int:
+        self._appends_since_trim = 0
+        cutoff_seq = self.last_seq - self.retention.max_events
+        cutoff_time = (time.time() if now is None else now) - self.retention.max_age
+        try:
+            cur = self._w.execute("DELETE FROM events WHERE seq <= ? OR time < ?", (cutoff_seq, cutoff_time))
+            row = self._w.execute("SELECT MIN(seq) FROM events").fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: retention failed: {exc}") from None
+        self.oldest = row[0] if row[0] is not None else self.last_seq + 1
+        return cur.rowcount
+
+    def remember(self, provider: str, job: str, follow: bytes) -> None:
+        """Store what is needed to keep following a job (credentials included: never served)."""
+        with self._wlock:
+            self._w.execute(
+                "INSERT INTO jobs (provider, job, terminal, updated, body, follow) VALUES (?, ?, 0, ?, ?, ?) "
+                "ON CONFLICT (provider, job) DO UPDATE SET follow = excluded.follow",
+                (provider, job, time.time(), b"", follow),
+            )
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read_after(self, seq: int, limit: int = 1000) -> list[tuple[int, bytes]]:
+        with self._rlock:
+            rows = self._r.execute(
+                "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            ).fetchall()
+        return [(int(s), bytes(b)) for s, b in rows]
+
+    def snapshot(self, *, finished: int = 1000) -> tuple[int, list[Job]]:
+        """Jobs as of one seq, read in one transaction: every unfinished job and the most recently
+        updated `finished` ones. Returns (seq, jobs)."""
+        with self._rlock:
+            self._r.execute("BEGIN")
+            try:
+                row = self._r.execute("SELECT MAX(seq) FROM events").fetchone()
+                seq = row[0] if row[0] is not None else int(self._meta_r("last_seq") or 0)
+                live = self._r.execute("SELECT body FROM jobs WHERE terminal = 0 AND body != x''").fetchall()
+                done = self._r.execute(
+                    "SELECT body FROM jobs WHERE terminal = 1 ORDER BY updated DESC LIMIT ?", (finished,)
+                ).fetchall()
+            finally:
+                self._r.execute("COMMIT")
+        jobs = [job_decoder.decode(b) for (b,) in (*live, *done)]
+        return int(seq), jobs
+
+    def _meta_r(self, key: str) -> str | None:
+        row = self._r.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def unfinished(self) -> list[tuple[Job | None, bytes | None, str, str]]:
+        """Every unfinished job with its follow-up data: what a restarted daemon resumes."""
+        with self._rlock:
+            rows = self._r.execute("SELECT provider, job, body, follow FROM jobs WHERE terminal = 0").fetchall()
+        out = []
+        for provider, job, body, follow in rows:
+            parsed = job_decoder.decode(body) if body else None
+            out.append((parsed, bytes(follow) if follow else None, str(provider), str(job)))
+        return out
+
+    def job(self, provider: str, job: str) -> tuple[Job | None, bytes | None]:
+        with self._rlock:
+            row = self._r.execute(
+                "SELECT body, follow FROM jobs WHERE provider = ? AND job = ?", (provider, job)
+            ).fetchone()
+        if row is None:
+            return None, None
+        body, follow = row
+        return (job_decoder.decode(body) if body else None), (bytes(follow) if follow else None)
+
+    def jobs(self, *, active: bool = False, limit: int = 1000) -> list[Job]:
+        sql = "SELECT body FROM jobs WHERE body != x''"
+        if active:
+            sql += " AND terminal = 0"
+        sql += " ORDER BY updated DESC LIMIT ?"
+        with self._rlock:
+            rows = self._r.execute(sql, (limit,)).fetchall()
+        return [job_decoder.decode(b) for (b,) in rows]
+
+    def iter_jobs(self, batch: int = 5000) -> Iterable[Job]:
+        """Every job, newest first, a batch at a time (for filtered `jobs` over big stores)."""
+        offset = 0
+        while True:
+            with self._rlock:
+                rows = self._r.execute(
+                    "SELECT body FROM jobs WHERE body != x'' ORDER BY updated DESC LIMIT ? OFFSET ?", (batch, offset)
+                ).fetchall()
+            if not rows:
+                return
+            yield from (job_decoder.decode(b) for (b,) in rows)
+            offset += batch
+
+    def counts(self) -> tuple[int, int]:
+        with self._rlock:
+            total, live = self._r.execute(
+                "SELECT COUNT(*), COALESCE(SUM(terminal = 0), 0) FROM jobs WHERE body != x''"
+            ).fetchone()
+        return int(total), int(live)
+
+    def close(self) -> None:
+        with self._wlock, self._rlock:
+            for conn in (self._r, self._w):
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+
+def encode_follow(follow: dict[str, str]) -> bytes:
+    return msgspec.json.encode(follow)
+
+
+def decode_follow(raw: bytes | None) -> dict[str, str]:
+    if not raw:
+        return {}
+    try:
+        value = msgspec.json.decode(raw, type=dict[str, str])
+    except msgspec.DecodeError:
+        return {}
+    return value
