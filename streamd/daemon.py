@@ -361,6 +361,7 @@ class Daemon:
         except filters.FilterError as exc:
             raise RequestError("bad_filter", str(exc)) from None
         limit = max(1, min(req.limit, 1_000_000))
+        await self.pipeline.sync()
 
         def query() -> list[Job]:
             if not flt:
@@ -389,16 +390,16 @@ class Daemon:
             if isinstance(req, p.Submit):
                 sub = SubmitRequest(model=req.model, prompt=req.prompt, images=req.images, options=req.options)
                 jobs = await provider.submit(ctx, sub)
-                ctx.poke()
-                return {"jobs": jobs}
-            if isinstance(req, p.Track):
-                job = await provider.track(ctx, req.ref)
-                ctx.poke()
-                return {"job": job}
-            message = await provider.cancel(ctx, req.job)
-            return {"message": message}
+                result: dict[str, Any] = {"jobs": jobs}
+            elif isinstance(req, p.Track):
+                result = {"job": await provider.track(ctx, req.ref)}
+            else:
+                result = {"message": await provider.cancel(ctx, req.job)}
         except ProviderError as exc:
             raise RequestError(exc.code, f"{req.provider}: {exc.message}") from None
+        ctx.poke()
+        await self.pipeline.sync()  # the reply means: it is in the journal, `jobs` shows it
+        return result
 
 
 class DaemonError(Exception):

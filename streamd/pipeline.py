@@ -51,6 +51,8 @@ class Pipeline:
         self._send: MemoryObjectSendStream[tuple[Append, Item]] = send
         self._recv: MemoryObjectReceiveStream[tuple[Append, Item]] = recv
         self._db = anyio.CapacityLimiter(1)
+        self.written_seq = journal.last_seq
+        self._written = anyio.Event()
 
     async def emit(self, *observations: Observation) -> None:
         async with self._lock:
@@ -124,4 +126,13 @@ class Pipeline:
             self.stats.journal_error = None
         self.stats.written += len(batch)
         self.stats.batches += 1
+        self.written_seq = appends[-1].seq
+        self._written.set()
+        self._written = anyio.Event()
         self.bus.publish([item for _, item in batch])
+
+    async def sync(self) -> None:
+        """Wait until everything emitted so far is journaled (read-your-writes for requests)."""
+        target = self.next_seq - 1
+        while self.written_seq < target:
+            await self._written.wait()

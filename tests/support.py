@@ -83,3 +83,86 @@ class RecordingContext:
         with anyio.fail_after(within):
             while not predicate():
                 await self._changed.wait()
+
+
+# -- an in-process daemon with a scripted provider -------------------------------------------------
+import contextlib  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from anyio.abc import TaskStatus  # noqa: E402
+
+from streamd.config import Config, DaemonFile, ProviderSettings, Secret  # noqa: E402
+from streamd.daemon import Daemon  # noqa: E402
+from streamd.events import State  # noqa: E402
+from streamd.providers.base import Context, Provider, ProviderError, SubmitRequest  # noqa: E402
+
+
+class ScriptedProvider(Provider):
+    """A provider with no I/O: `submit` walks a job through `path`; tests call `push` directly."""
+
+    name = "oxen"
+
+    def __init__(self, name: str = "oxen", path: tuple[State, ...] = (State.QUEUED,)) -> None:
+        super().__init__(ProviderSettings(name=name, key=Secret("scripted-key"), base_url="http://127.0.0.1:9"))
+        self.provider = name
+        self.path = path
+        self.ctx: Context | None = None
+        self.count = 0
+        self.cancelled: list[str] = []
+
+    async def run(self, ctx: Context, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.ctx = ctx
+        await ctx.health(Health.CONNECTED)
+        task_status.started()
+        await anyio.sleep_forever()
+
+    async def push(self, job: str, state: State, **kw: object) -> None:
+        assert self.ctx is not None
+        await self.ctx.emit(
+            Observation(
+                provider=self.provider,
+                job=job,
+                kind=Kind.STATE,
+                state=state,
+                upstream=state.value,
+                origin=Origin.PUSH,
+                **kw,
+            )  # type: ignore[arg-type]
+        )
+
+    async def submit(self, ctx: Context, request: SubmitRequest) -> list[str]:
+        if request.model == "refuse":
+            raise ProviderError("bad_request", "Model not found: refuse")
+        self.count += 1
+        job = f"job{self.count}"
+        for state in self.path:
+            await self.push(job, state, model=request.model, prompt=request.prompt)
+        return [job]
+
+    async def track(self, ctx: Context, ref: str) -> str:
+        await self.push(ref, State.RUNNING)
+        return ref
+
+    async def cancel(self, ctx: Context, job: str) -> str:
+        self.cancelled.append(job)
+        await self.push(job, State.CANCELLED)
+        return f"cancelled {job}"
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    tmp: Path, providers: dict[str, Provider] | None = None, **daemon_opts: object
+) -> AsyncIterator[Daemon]:
+    """A daemon on a socket under `tmp`, cancelled (cleanly) on exit."""
+    cfg = Config(
+        socket=tmp / "feed.sock",
+        state_dir=tmp / "state",
+        providers={},
+        daemon=DaemonFile(**daemon_opts),  # type: ignore[arg-type]
+    )
+    daemon = Daemon(cfg, providers=providers if providers is not None else {"oxen": ScriptedProvider()})
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        yield daemon
+        tg.cancel_scope.cancel()

@@ -17,12 +17,12 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from streamd.events import CloudEvent, Job
 from streamd.feed import protocol as p
+from streamd.feed.unixsock import UnixStream, connect
 
 QUEUE = 10_000
 MAX_SERVER_LINE = 64 * 1024 * 1024  # snapshots can be big
@@ -48,7 +48,7 @@ class _Pending:
 
 
 class FeedClient:
-    def __init__(self, stream: SocketStream, hello: p.Hello, reader: BufferedByteReceiveStream) -> None:
+    def __init__(self, stream: UnixStream, hello: p.Hello, reader: BufferedByteReceiveStream) -> None:
         self.stream = stream
         self.hello = hello
         self._reader = reader
@@ -65,7 +65,7 @@ class FeedClient:
     async def connect(cls, path: str | PathLike[str]) -> AsyncIterator[FeedClient]:
         path = Path(path)
         try:
-            stream = await anyio.connect_unix(path)
+            stream = await connect(path)
         except FileNotFoundError:
             raise FeedError("no_daemon", f"no streamd daemon at {path} (start one with `streamd run`)") from None
         except ConnectionRefusedError:

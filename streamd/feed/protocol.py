@@ -69,7 +69,7 @@ AnyRequest = Subscribe | Unsubscribe | Jobs | Status | Track | Submit | Cancel |
 
 
 # -- frames (daemon -> client) --------------------------------------------------------------------
-class Frame(msgspec.Struct, tag_field="frame", kw_only=True):
+class Frame(msgspec.Struct, tag_field="frame", kw_only=True, omit_defaults=True):
     pass
 
 

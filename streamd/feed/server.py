@@ -22,12 +22,14 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from streamd import filters
 from streamd.bus import Bus, GapNotice, LiveNotice, Subscriber
 from streamd.feed import protocol as p
+from streamd.feed import unixsock
+from streamd.feed.unixsock import UnixStream
 
 log = logging.getLogger("streamd.feed")
 
@@ -46,10 +48,9 @@ class Peer:
     gid: int
 
 
-def peer_of(stream: SocketStream) -> Peer | None:
-    sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
+def peer_of(stream: UnixStream) -> Peer | None:
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        raw = stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
         return None
     return Peer(*struct.unpack("3i", raw))
@@ -108,36 +109,37 @@ class FeedServer:
         self.refused = 0
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        listener = await self._listen()
+        sock = await self._listen()
         task_status.started()
         try:
-            async with listener:
-                await listener.serve(self._connection)
+            async with anyio.create_task_group() as tg:
+                await unixsock.serve(sock, self._connection, tg)
         finally:
+            sock.close()
             if self._inherited is None:
                 with suppress(OSError):
                     self.path.unlink()
 
-    async def _listen(self) -> SocketListener:
+    async def _listen(self) -> socket.socket:
         if self._inherited is not None:
-            return await SocketListener.from_socket(self._inherited)
+            return self._inherited
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.path.is_socket():
             # A socket file left by a daemon that died: refuse to steal one that still answers.
             try:
-                probe = await anyio.connect_unix(self.path)
+                probe = await unixsock.connect(self.path)
             except OSError:
                 self.path.unlink()
             else:
                 await probe.aclose()
                 raise OSError(f"another streamd is already listening on {self.path}")
-        listener = await anyio.create_unix_listener(self.path, mode=self.mode)
+        sock = unixsock.listen(self.path, self.mode)
         if self.group is not None:
             os.chown(self.path, -1, self.group)
-        return listener
+        return sock
 
     # -- one connection ------------------------------------------------------------------------
-    async def _connection(self, stream: SocketStream) -> None:
+    async def _connection(self, stream: UnixStream) -> None:
         async with stream:
             peer = peer_of(stream)
             if peer is None or not allowed(peer, uid=os.getuid(), gid=self.group):
@@ -165,7 +167,7 @@ class FeedServer:
 
 
 class Connection:
-    def __init__(self, server: FeedServer, stream: SocketStream) -> None:
+    def __init__(self, server: FeedServer, stream: UnixStream) -> None:
         self.server = server
         self.stream = stream
         self._send_lock = anyio.Lock()

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from streamd.events import Job, State, json_encoder
+from streamd.journal import Append, Journal, JournalError, Retention, decode_follow, encode_follow
+
+
+def batch(start: int, n: int, t: float = 1000.0) -> list[Append]:
+    out = []
+    for seq in range(start, start + n):
+        job = Job(provider="oxen", job=f"j{seq % 3}", status=State.RUNNING if seq % 2 else State.COMPLETED, seq=seq)
+        out.append(Append(seq, t + seq, b'{"seq":%d}' % seq, job.key, json_encoder.encode(job), job.status.terminal))
+    return out
+
+
+def test_append_read_and_restart_keep_seq_and_epoch(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    epoch = j.epoch
+    j.append(batch(1, 10))
+    assert [s for s, _ in j.read_after(4, 3)] == [5, 6, 7]
+    j.close()
+    again = Journal(tmp_path / "j.db")
+    assert (again.epoch, again.last_seq, again.oldest) == (epoch, 10, 1)
+    assert again.read_after(9, 10) == [(10, b'{"seq":10}')]
+
+
+def test_new_journal_has_new_epoch(tmp_path: Path) -> None:
+    assert Journal(tmp_path / "a.db").epoch != Journal(tmp_path / "b.db").epoch
+
+
+def test_failed_batch_writes_nothing(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    j.append(batch(1, 5))
+    with pytest.raises(JournalError, match="write failed"):
+        j.append(batch(6, 3) + batch(5, 1))  # seq 5 again: the whole batch must roll back
+    assert j.last_seq == 5 and j.read_after(5, 10) == []
+
+
+def test_retention_by_count_and_age_moves_oldest(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", Retention(max_events=4, max_age=1e9))
+    j.append(batch(1, 10, t=time.time()))
+    assert j.trim() == 6 and j.oldest == 7
+    j2 = Journal(tmp_path / "k.db", Retention(max_events=10**9, max_age=100.0))
+    j2.append(batch(1, 10, t=1000.0))  # times 1001..1010
+    assert j2.trim(now=1105.5) == 5 and j2.oldest == 6
+    j2.close()
+    assert Journal(tmp_path / "k.db").oldest == 6  # known after a restart too
+
+
+def test_empty_journal_after_full_trim_keeps_seq_going(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", Retention(max_events=0, max_age=1e9))
+    j.append(batch(1, 3, t=time.time()))
+    j.trim()
+    j.close()
+    again = Journal(tmp_path / "j.db")
+    assert again.last_seq == 3 and again.oldest == 4
+
+
+def test_snapshot_is_jobs_at_one_seq(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    j.append(batch(1, 6))
+    seq, jobs = j.snapshot()
+    assert seq == 6
+    assert {job.job: job.seq for job in jobs} == {"j0": 6, "j1": 4, "j2": 5}
+
+
+def test_follow_data_survives_and_is_not_in_job_bodies(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    j.remember("wiro", "2221", encode_follow({"token": "s3cret-token"}))
+    j.append(
+        [
+            Append(
+                1,
+                1.0,
+                b"{}",
+                ("wiro", "2221"),
+                json_encoder.encode(Job(provider="wiro", job="2221", status=State.QUEUED)),
+                False,
+            )
+        ]
+    )
+    j.close()
+    again = Journal(tmp_path / "j.db")
+    [(job, follow, provider, job_id)] = again.unfinished()
+    assert (provider, job_id) == ("wiro", "2221") and job is not None and job.status is State.QUEUED
+    assert decode_follow(follow) == {"token": "s3cret-token"}
+    assert all(b"s3cret" not in json_encoder.encode(x) for x in again.jobs())
+
+
+def test_unopenable_journal_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(JournalError, match="cannot create its folder|cannot open"):
+        Journal(tmp_path / "file" / "j.db")
