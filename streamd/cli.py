@@ -17,6 +17,7 @@ import msgspec
 
 from streamd import __version__
 from streamd.config import ConfigError, default_socket, find_config, parse_file
+from streamd.errors import first_leaf
 from streamd.events import CloudEvent, Job, Kind, State, json_encoder
 from streamd.feed import protocol as p
 from streamd.feed.client import FeedClient, FeedError
@@ -457,6 +458,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except BaseExceptionGroup as group:
+        leaf = first_leaf(group)
+        if isinstance(leaf, UserError | ConfigError | FilterError):
+            return _fail(str(leaf))
+        if isinstance(leaf, FeedError):
+            return _fail(leaf.message)
+        if isinstance(leaf, KeyboardInterrupt | BrokenPipeError):
+            return 130 if isinstance(leaf, KeyboardInterrupt) else 0
+        raise
 
 
 def _fail(message: str) -> int:

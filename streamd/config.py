@@ -244,6 +244,13 @@ def resolve(
     socket: str | None = None,
     state_dir: str | None = None,
 ) -> Config:
+    try:
+        return _resolve(cfg, source=source, socket=socket, state_dir=state_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+
+
+def _resolve(cfg: ConfigFile, *, source: Path | None, socket: str | None, state_dir: str | None) -> Config:
     providers: dict[str, ProviderSettings] = {}
     for name in PROVIDERS:
         pf: ProviderFile = getattr(cfg.providers, name) or ProviderFile()

@@ -182,13 +182,14 @@ class Daemon:
             group=gid,
             listener=self._listener,
         )
+        try:
+            await self.feed.bind()
+        except OSError as exc:
+            raise DaemonError(f"feed socket {cfg.socket}: {exc.strerror or exc}") from None
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self.pipeline.writer)
-            try:
-                await tg.start(self.feed.serve)
-            except OSError as exc:
-                raise DaemonError(f"feed socket {cfg.socket}: {exc.strerror or exc}") from None
+            await tg.start(self.feed.serve)
             await self._start_providers(tg)
             tg.start_soon(self._housekeeping)
             self.ready.set()
@@ -201,6 +202,11 @@ class Daemon:
                 self.journal.last_seq,
                 ", ".join(self.providers) or "none",
             )
+            if not self.providers:
+                log.warning(
+                    "no provider has a key: set OXEN_API_KEY, WIRO_API_KEY (+WIRO_API_SECRET), RUNWARE_API_KEY or "
+                    "APIFRAME_API_KEY, or name key files in the config; the feed runs anyway"
+                )
             if self._on_ready is not None:
                 await self._on_ready(self)
             task_status.started(self)

@@ -9,6 +9,7 @@ import anyio
 
 from streamd import config as config_mod
 from streamd.daemon import Daemon, DaemonError
+from streamd.errors import first_leaf
 from streamd.journal import JournalError
 
 log = logging.getLogger("streamd")
@@ -25,11 +26,6 @@ def run_service(config_path: str | None, *, socket: str | None, state_dir: str |
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not cfg.providers:
-        log.warning(
-            "no provider has a key: set OXEN_API_KEY, WIRO_API_KEY (+WIRO_API_SECRET), RUNWARE_API_KEY or "
-            "APIFRAME_API_KEY, or name key files in the config; the feed runs anyway"
-        )
     daemon = Daemon(cfg)
 
     async def reload() -> None:
@@ -47,9 +43,14 @@ def run_service(config_path: str | None, *, socket: str | None, state_dir: str |
 
     try:
         anyio.run(main)
-    except (DaemonError, JournalError) as exc:
-        print(f"streamd: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        leaf = first_leaf(exc)
+        if isinstance(leaf, DaemonError | JournalError):
+            print(f"streamd: error: {leaf}", file=sys.stderr)
+            return 1
+        if isinstance(leaf, KeyboardInterrupt):
+            return 130
+        raise
     return 0

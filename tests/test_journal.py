@@ -93,5 +93,5 @@ def test_follow_data_survives_and_is_not_in_job_bodies(tmp_path: Path) -> None:
 
 def test_unopenable_journal_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(JournalError, match="cannot create its folder|cannot open"):
+    with pytest.raises(JournalError, match=r"cannot create its folder|cannot open"):
         Journal(tmp_path / "file" / "j.db")

@@ -20,6 +20,7 @@ import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from streamd.errors import first_leaf
 from streamd.events import CloudEvent, Job
 from streamd.feed import protocol as p
 from streamd.feed.unixsock import UnixStream, connect
@@ -86,12 +87,16 @@ class FeedClient:
                     "protocol", f"daemon speaks feed protocol {first.protocol}, this client {p.PROTOCOL_VERSION}"
                 )
             client = cls(stream, first, reader)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(client._read_loop)
-                try:
-                    yield client
-                finally:
-                    tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client._read_loop)
+                    try:
+                        yield client
+                    finally:
+                        tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The reader never fails; what comes out is the caller's own exception: give it back bare.
+                raise first_leaf(group) from None
 
     # -- requests --------------------------------------------------------------------------------
     async def request(self, req: p.AnyRequest) -> Any:

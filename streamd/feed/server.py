@@ -104,12 +104,17 @@ class FeedServer:
         self.mode = mode
         self.group = group
         self._inherited = listener
+        self._sock: socket.socket | None = None
         self._slots = anyio.Semaphore(max_connections)
         self.connections = 0
         self.refused = 0
 
+    async def bind(self) -> None:
+        """Listen now, so a start-up failure (socket in use, no permission) is the caller's to report."""
+        self._sock = await self._listen()
+
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        sock = await self._listen()
+        sock = self._sock or await self._listen()
         task_status.started()
         try:
             async with anyio.create_task_group() as tg:
