@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from streamd.journal import Journal, JournalError, Retention, decode_follow, enc
 from streamd.lifecycle import Tracker
 from streamd.pipeline import Pipeline
 from streamd.providers.base import Provider, ProviderError, SubmitRequest
+from streamd.sidecar import Batch, Sidecar, stream_from_bus
 from streamd.transport.backoff import Reconnector
 
 log = logging.getLogger("streamd.daemon")
@@ -122,11 +123,13 @@ class Daemon:
         providers: Mapping[str, Provider] | None = None,
         listener: socket.socket | None = None,
         on_ready: Callable[[Daemon], Awaitable[None]] | None = None,
+        sidecars: Sequence[Sidecar] = (),
     ) -> None:
         self.config = config
         self._providers_given = providers
         self._listener = listener
         self._on_ready = on_ready
+        self.sidecars = list(sidecars)
         self.providers: dict[str, Provider] = {}
         self.contexts: dict[str, ProviderContext] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
@@ -191,6 +194,8 @@ class Daemon:
             await tg.start(self.pipeline.writer)
             await tg.start(self.feed.serve)
             await self._start_providers(tg)
+            for sidecar in self.sidecars:
+                tg.start_soon(self._supervise_sidecar, sidecar)
             tg.start_soon(self._housekeeping)
             self.ready.set()
             log.info(
@@ -276,6 +281,40 @@ class Daemon:
             delay = policy.delay(time.monotonic())
             await ctx.health(Health.DOWN, message=message, delay=delay)
             await anyio.sleep(delay)
+
+    async def _supervise_sidecar(self, sidecar: Sidecar) -> None:
+        policy = Reconnector(initial=1.0, maximum=60.0, healthy_after=60.0)
+        while True:
+            policy.connected(time.monotonic())
+            try:
+                await sidecar.run(self)
+            except Exception:
+                log.exception("%s crashed; restarting", sidecar.name)
+            await anyio.sleep(policy.delay(time.monotonic()))
+
+    # -- sidecar host ------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> str:
+        return self.journal.epoch
+
+    @property
+    def daemon_id(self) -> str:
+        return f"{_host()}:{self.journal.epoch}"
+
+    def head(self) -> int:
+        return self.bus.head
+
+    def stream(self, cursor: int, flt: filters.Filter = filters.MATCH_ALL) -> AsyncIterator[Batch]:
+        return stream_from_bus(self.bus, cursor, flt)
+
+    async def emit(self, *observations: Observation) -> None:
+        await self.pipeline.emit(*observations)
+
+    async def get_meta(self, key: str) -> str | None:
+        return await anyio.to_thread.run_sync(self.journal.get_meta, key)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await anyio.to_thread.run_sync(self.journal.set_meta, key, value)
 
     async def _housekeeping(self) -> None:
         last_trim = time.monotonic()
