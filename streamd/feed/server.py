@@ -164,8 +164,10 @@ class FeedServer:
             self.connections += 1
             try:
                 await Connection(self, stream).run()
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
-                pass
+            except* (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
+                pass  # the peer went away; its subscription is already gone
+            except* Exception:  # a bug in one connection must never take the feed down: log it, close it
+                log.exception("feed connection failed")
             finally:
                 self.connections -= 1
                 self._slots.release()
@@ -196,7 +198,7 @@ class Connection:
                         msg = f"request line longer than {p.MAX_LINE} bytes"
                         await self.send(p.encode(p.Error(code="too_long", message=msg, fatal=True)))
                         return
-                    except (anyio.IncompleteRead, anyio.EndOfStream):
+                    except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
                         return
                     line = line.strip()
                     if line:
