@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -308,29 +306,6 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 # -- daemon commands ---------------------------------------------------------------------------------------
-async def _until_signal(body: Callable[[], Awaitable[None]], on_hup: Callable[[], Awaitable[None]] | None) -> None:
-    """Run `body` until it ends or SIGTERM/SIGINT arrives; SIGHUP calls `on_hup`."""
-    async with anyio.create_task_group() as tg:
-
-        async def signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
-                async for signum in received:
-                    if signum == signal.SIGHUP:
-                        if on_hup is not None:
-                            await on_hup()
-                        continue
-                    logging.getLogger("streamd").info("signal %s: stopping", signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
-                    return
-
-        async def main() -> None:
-            await body()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(signals)
-        tg.start_soon(main)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from streamd.service import run_service
 

@@ -1,0 +1,186 @@
+"""`streamd run` as systemd runs it: a real process, $NOTIFY_SOCKET, watchdog, SIGHUP, SIGTERM,
+socket activation, credentials, against the Oxen emulator on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import Process
+
+from streamd.emulators.oxen import OxenEmulator
+from streamd.feed.client import FeedClient
+
+pytestmark = pytest.mark.anyio
+
+
+class NotifySocket:
+    """A datagram socket where the daemon's sd_notify lines land, drained by a thread as systemd would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while not self._closed:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(5)
+        self.sock.close()
+
+    async def wait_for(self, key: str, value: str | None = None, within: float = 30.0) -> dict[str, str]:
+        with anyio.fail_after(within):
+            while True:
+                for msg in list(self.messages):
+                    if key in msg and (value is None or msg[key] == value):
+                        return msg
+                await anyio.sleep(0.02)
+
+    def count(self, key: str) -> int:
+        return sum(1 for m in list(self.messages) if key in m)
+
+
+@asynccontextmanager
+async def emulator() -> AsyncIterator[OxenEmulator]:
+    emu = OxenEmulator(speed=20.0, seed=3)
+    async with anyio.create_task_group() as tg:
+        await tg.start(emu.serve)
+        yield emu
+        tg.cancel_scope.cancel()
+
+
+def write_config(tmp: Path, emu: OxenEmulator, key_file: Path) -> Path:
+    cfg = tmp / "streamd.toml"
+    cfg.write_text(
+        f'[daemon]\nsocket = "{tmp / "feed.sock"}"\nstate_dir = "{tmp / "state"}"\n\n'
+        f'[providers.oxen]\napi_key_file = "{key_file}"\nbase_url = "{emu.settings().base_url}"\n'
+    )
+    return cfg
+
+
+def env_for(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith(("LISTEN_", "NOTIFY"))
+    }
+    return env | {"XDG_CONFIG_HOME": str(tmp / "xdg")} | extra
+
+
+async def stop(proc: Process) -> int:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    with anyio.fail_after(30):
+        return await proc.wait()
+
+
+async def test_readiness_status_watchdog_reload_and_clean_stop(short_tmp: Path) -> None:
+    notify = NotifySocket(short_tmp / "notify")
+    async with emulator() as emu:
+        key = short_tmp / "oxen.key"
+        key.write_text(emu.settings().key.reveal())
+        cfg = write_config(short_tmp, emu, key)
+        env = env_for(short_tmp, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="600000")
+        log = (short_tmp / "stderr.log").open("wb")
+        proc = await anyio.open_process(
+            [sys.executable, "-m", "streamd.cli", "run", "--config", str(cfg)], env=env, stdout=None, stderr=log
+        )
+        try:
+            ready = await notify.wait_for("READY", "1")
+            # Ready means: the feed listens and the provider made its first connection attempt.
+            assert (short_tmp / "feed.sock").exists()
+            assert emu.requests("GET", "/api/events")
+            assert ready.get("STATUS") == "1 provider connected, 0 jobs active"
+            await notify.wait_for("WATCHDOG", "1")
+            async with FeedClient.connect(short_tmp / "feed.sock") as client:
+                jobs = await client.submit("oxen", "bytedance-seedream-4", "a lighthouse [hang]")
+                await notify.wait_for("STATUS", "1 provider connected, 1 job active")
+                # SIGHUP with a rotated key file: the provider restarts, the subscriber stays.
+                key.write_text(emu.settings().key.reveal() + " ")
+                n_ready = notify.count("READY")
+                proc.send_signal(signal.SIGHUP)
+                await notify.wait_for("RELOADING", "1")
+                with anyio.fail_after(30):
+                    while notify.count("READY") == n_ready:  # noqa: ASYNC110  (a thread fills the list)
+                        await anyio.sleep(0.02)
+                status = await client.status()
+                assert status["providers"][0]["health"] in ("connected", "starting")
+                assert [j.job for j in await client.jobs()] == jobs["jobs"]
+            code = await stop(proc)
+            assert code == 0
+            await notify.wait_for("STOPPING", "1")
+            assert not (short_tmp / "feed.sock").exists()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            notify.close()
+            log.close()
+    # Nothing the daemon logged holds the key, and the log is journald-style (priority prefixes).
+    text = (short_tmp / "stderr.log").read_bytes()
+    assert text and emu.settings().key.reveal().encode() not in text
+    assert all(line.startswith(b"<") for line in text.splitlines())
+
+
+async def test_socket_activation_and_credentials(short_tmp: Path) -> None:
+    """A listening socket passed as fd 3 (LISTEN_FDS/LISTEN_PID) is used instead of binding; the key
+    comes from $CREDENTIALS_DIRECTORY as LoadCredential= provides it."""
+    sock_path = short_tmp / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(16)
+    creds = short_tmp / "creds"
+    creds.mkdir()
+    async with emulator() as emu:
+        (creds / "oxen_api_key").write_text(emu.settings().key.reveal())
+        cfg = short_tmp / "streamd.toml"
+        cfg.write_text(
+            f'[daemon]\nstate_dir = "{short_tmp / "state"}"\n[providers.oxen]\nbase_url = "{emu.settings().base_url}"\n'
+        )
+        fd = listener.fileno()
+        script = (
+            f"exec 3<&{fd}; exec {fd}<&-; "
+            'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=feed exec "$0" -m streamd.cli run --config "$1"'
+        )
+        env = env_for(short_tmp, CREDENTIALS_DIRECTORY=str(creds))
+        proc = await anyio.open_process(["/bin/sh", "-c", script, sys.executable, str(cfg)], env=env, pass_fds=(fd,))
+        listener.close()
+        try:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        async with FeedClient.connect(sock_path) as client:
+                            status = await client.status()
+                            if status["providers"] and status["providers"][0]["health"] == "connected":
+                                break
+                    except Exception:
+                        pass
+                    await anyio.sleep(0.1)
+            assert status["daemon"]["socket"] == str(sock_path)
+            assert not (short_tmp / "xdg").exists() or not any((short_tmp / "xdg").rglob("*.sock"))
+            assert await stop(proc) == 0
+            assert sock_path.exists()  # the socket belongs to systemd: the daemon does not remove it
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
