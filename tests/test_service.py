@@ -158,12 +158,16 @@ async def test_socket_activation_and_credentials(short_tmp: Path) -> None:
             f'[daemon]\nstate_dir = "{short_tmp / "state"}"\n[providers.oxen]\nbase_url = "{emu.settings().base_url}"\n'
         )
         fd = listener.fileno()
-        script = (
-            f"exec 3<&{fd}; exec {fd}<&-; "
-            'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=feed exec "$0" -m streamd.cli run --config "$1"'
+        # What systemd does before exec: the socket at fd 3, LISTEN_PID = the pid that will run streamd.
+        launcher = (
+            "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd) if fd != 3 else None; "
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='feed'); "
+            "os.execv(sys.executable, [sys.executable, '-m', 'streamd.cli', 'run', '--config', sys.argv[2]])"
         )
         env = env_for(short_tmp, CREDENTIALS_DIRECTORY=str(creds))
-        proc = await anyio.open_process(["/bin/sh", "-c", script, sys.executable, str(cfg)], env=env, pass_fds=(fd,))
+        proc = await anyio.open_process(
+            [sys.executable, "-c", launcher, str(fd), str(cfg)], env=env, pass_fds=(fd,), stdout=None, stderr=None
+        )  # output goes to pytest's captured fds
         listener.close()
         try:
             with anyio.fail_after(30):
