@@ -20,6 +20,7 @@ from streamd.events import CloudEvent, Job, Kind, State, json_encoder
 from streamd.feed import protocol as p
 from streamd.feed.client import FeedClient, FeedError
 from streamd.filters import FilterError, parse
+from streamd.mirror import MirrorError
 
 EXIT_USER = 1  # a mistake or refusal the user can act on
 EXIT_USAGE = 2
@@ -78,14 +79,30 @@ def format_event(ev: CloudEvent, *, colour: bool = False) -> str:
     if d.kind is Kind.STATE and d.status is State.COMPLETED and d.outputs:
         extra.append(f"{len(d.outputs)} output{'s' if len(d.outputs) != 1 else ''}")
     if d.cost is not None and d.kind is Kind.STATE:
-        extra.append(f"${d.cost:.4f}")
+        extra.append(format_cost(d.provider, d.cost))
     if d.error:
-        extra.append(f"error: {d.error}")
+        extra.append(f"error: {_one_line(d.error)}")
     if d.message and d.kind is not Kind.STATE:
-        extra.append(d.message if len(d.message) < 100 else d.message[:99] + "…")
+        extra.append(_one_line(d.message))
     if d.model and d.kind is Kind.STATE and d.previous is None:
         extra.append(d.model)
     return f"{head}{what} [{d.upstream}, {d.origin.value}] {' '.join(extra)}".rstrip()
+
+
+CREDIT_PROVIDERS = frozenset({"apiframe"})  # costs in the provider's credits, not dollars
+
+
+def format_cost(provider: str, cost: float | None) -> str:
+    if cost is None:
+        return "-"
+    if provider in CREDIT_PROVIDERS:
+        return f"{cost:g} cr"
+    return f"${cost:.4f}"
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ⏎ ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _age(seconds: float) -> str:
@@ -103,7 +120,7 @@ def format_jobs(jobs: Sequence[Job], *, colour: bool = False) -> str:
     now = time.time()
     rows = [f"{'PROVIDER':<9}{'JOB':<38}{'STATUS':<16}{'IN STATE':>9}{'TOTAL':>8}  {'COST':>8}  MODEL / PROMPT"]
     for j in jobs:
-        cost = f"${j.cost:.4f}" if j.cost is not None else "-"
+        cost = format_cost(j.provider, j.cost)
         prompt = (j.prompt or "").replace("\n", " ")
         desc = f"{j.model or '-'}  {prompt[:40]}"
         status = _colour(f"{j.status.value:<16}", j.status.value, colour)
@@ -167,20 +184,50 @@ def _cursor(value: str | None) -> int | str:
     return seq
 
 
+def _emit_event(ev: CloudEvent, *, as_json: bool, colour: bool) -> None:
+    out = sys.stdout.buffer
+    out.write(json_encoder.encode(ev) + b"\n" if as_json else format_event(ev, colour=colour).encode() + b"\n")
+    out.flush()
+
+
+async def _tail_redis(args: argparse.Namespace, colour: bool) -> int:
+    from contextlib import aclosing
+
+    from streamd.mirror import DEFAULT_STREAM, tail_redis
+
+    events = tail_redis(
+        args.redis,
+        args.stream or DEFAULT_STREAM,
+        group=args.group,
+        consumer=args.consumer,
+        filter=parse(args.filter),
+        since=args.since or "now",
+        follow=not args.no_follow,
+        batch=min(args.count, 100) if args.count else 100,
+    )
+    count = 0
+    async with aclosing(events):
+        async for ev in events:
+            _emit_event(ev, as_json=args.json, colour=colour)
+            count += 1
+            if args.count and count >= args.count:
+                break
+    return 0
+
+
 async def cmd_tail(args: argparse.Namespace) -> int:
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    if args.redis:
+        return await _tail_redis(args, colour)
+    if args.group or args.consumer or args.stream:
+        raise UserError("--group, --consumer and --stream go with --redis URL")
     since = _cursor(args.since)
     parse(args.filter)  # fail here, clearly, before connecting
-    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    out = sys.stdout.buffer
     count = 0
     async with FeedClient.connect(resolve_socket(args.socket, args.config)) as client:
         async for item in client.subscribe(since=since, filter=args.filter or ""):
             if isinstance(item, CloudEvent):
-                if args.json:
-                    out.write(json_encoder.encode(item) + b"\n")
-                else:
-                    out.write(format_event(item, colour=colour).encode() + b"\n")
-                out.flush()
+                _emit_event(item, as_json=args.json, colour=colour)
                 count += 1
                 if args.count and count >= args.count:
                     return 0
@@ -379,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--json", action="store_true", help="one CloudEvent per line")
     tail.add_argument("--count", type=int, default=0, help="exit after N events")
     tail.add_argument("--no-follow", action="store_true", help="exit once caught up")
+    tail.add_argument("--redis", metavar="URL", help="read the shared Redis Stream mirror instead of the local feed")
+    tail.add_argument("--stream", help="with --redis: the stream key (default streamd:events)")
+    tail.add_argument("--group", help="with --redis: read as this consumer group (XREADGROUP/XACK)")
+    tail.add_argument("--consumer", help="with --redis --group: this consumer's name (default host-pid)")
     tail.set_defaults(func=cmd_tail)
 
     jobs = client("jobs", "list jobs")
@@ -425,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         result: int = anyio.run(args.func, args)
         return result
-    except (UserError, ConfigError, FilterError) as exc:
+    except (UserError, ConfigError, FilterError, MirrorError) as exc:
         return _fail(str(exc))
     except FeedError as exc:
         return _fail(exc.message)
@@ -435,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except BaseExceptionGroup as group:
         leaf = first_leaf(group)
-        if isinstance(leaf, UserError | ConfigError | FilterError):
+        if isinstance(leaf, UserError | ConfigError | FilterError | MirrorError):
             return _fail(str(leaf))
         if isinstance(leaf, FeedError):
             return _fail(leaf.message)

@@ -19,6 +19,8 @@ from streamd import config as config_mod
 from streamd.daemon import Daemon, DaemonError
 from streamd.errors import first_leaf
 from streamd.journal import JournalError
+from streamd.mirror import MirrorError, RedisMirror
+from streamd.sidecar import Sidecar
 from streamd.systemd import (
     ActivationError,
     Heartbeat,
@@ -34,7 +36,21 @@ from streamd.systemd import (
 
 log = logging.getLogger("streamd")
 
-STATUS_EVERY = 5.0  # seconds between STATUS= refreshes (only sent when the text changed)
+STATUS_EVERY = 5.0
+
+
+def sidecars_for(cfg: config_mod.Config) -> list[Sidecar]:
+    """The Redis mirror and the output archiver, each when configured (imported only then)."""
+    out: list[Sidecar] = []
+    if cfg.mirror.redis is not None:
+        out.append(RedisMirror.from_config(cfg.mirror.redis))
+    if cfg.archive.enabled:
+        from streamd.archive import Archiver
+
+        archiver = Archiver.from_config(cfg)
+        if archiver is not None:
+            out.append(archiver)
+    return out  # seconds between STATUS= refreshes (only sent when the text changed)
 
 
 def _register_secrets(cfg: config_mod.Config) -> None:
@@ -60,7 +76,12 @@ def run_service(config_path: str | None, *, socket: str | None, state_dir: str |
     if listener is not None:
         cfg = dataclasses.replace(cfg, socket=Path(listener.getsockname()))
         log.info("using the feed socket passed by systemd: %s", cfg.socket)
-    daemon = Daemon(cfg, listener=listener)
+    try:
+        sidecars = sidecars_for(cfg)
+    except MirrorError as exc:
+        print(f"streamd: error: {cfg.source or 'config'}: mirror.redis: {exc}", file=sys.stderr)
+        return 1
+    daemon = Daemon(cfg, listener=listener, sidecars=sidecars)
     try:
         anyio.run(_serve, daemon, notifier, config_path, socket, state_dir)
     except KeyboardInterrupt:

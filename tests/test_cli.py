@@ -72,6 +72,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
         (["submit", "oxen", "--prompt", "x"], "the following arguments are required: --model", 2),
         (["frobnicate"], "invalid choice", 2),
         (["demo", "--providers", "oxen,midjourney"], "unknown midjourney", 1),
+        (["tail", "--redis", "redis://127.0.0.1:9/0", "--count", "1"], "Connect call failed", 1),
+        (["tail", "--group", "g"], "--group, --consumer and --stream go with --redis URL", 1),
     ],
 )
 def test_usage_mistakes(short_tmp: Path, args: list[str], needle: str, code: int) -> None:
