@@ -231,7 +231,7 @@ def filename_of(response: httpx.Response, url: str) -> str:
 
 
 def archive_dir(config: Config) -> Path:
-    """Where the archive lives: `[archive] dir`, else `<state dir>/archive`."""
+    """Where the archive lives: `[archive] dir`, else `<state dir>/archive` (as `status` reports it)."""
     if config.archive.dir:
         return Path(config.archive.dir).expanduser().absolute()
     return (config.state_dir / "archive").absolute()

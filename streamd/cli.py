@@ -338,6 +338,42 @@ async def _wait(client: FeedClient, provider: str, jobs: list[str], *, json_out:
     return 0 if all(final[jid].status is State.COMPLETED for jid in jobs) else EXIT_USER
 
 
+async def cmd_outputs(args: argparse.Namespace) -> int:
+    """Copy a job's archived outputs out of the daemon's archive."""
+    from streamd.archive import ArchiveError, copy_out
+
+    async with FeedClient.connect(resolve_socket(args.socket, args.config)) as client:
+        status = await client.status()
+        found = [j for j in await client.jobs(filter=f"job:{_glob_safe(args.job)}", limit=100) if j.job == args.job]
+    if args.provider:
+        found = [j for j in found if j.provider == args.provider]
+    if not found:
+        raise UserError(f"no job {args.job!r} known to the daemon")
+    if len(found) > 1:
+        names = ", ".join(j.provider for j in found)
+        raise UserError(f"job id {args.job!r} exists at several providers ({names}): add --provider")
+    job = found[0]
+    archive = status["daemon"].get("archive_dir")
+    if not archive:
+        raise UserError("output archival is off on this daemon (set [archive] enabled = true)")
+    if not job.paths:
+        why = "it has not completed" if not job.status.terminal else "its outputs were not archived or expired"
+        raise UserError(f"job {job.provider}/{job.job} has no archived outputs: {why}")
+    try:
+        copied = await anyio.to_thread.run_sync(lambda: copy_out(Path(archive), job.paths, Path(args.to).expanduser()))
+    except ArchiveError as exc:
+        raise UserError(str(exc)) from None
+    for path in copied:
+        print(path)
+    return 0
+
+
+def _glob_safe(text: str) -> str:
+    """A job id as a filter value: glob and list characters would change its meaning, so the
+    filter matches loosely and the caller compares ids exactly."""
+    return "".join("?" if c in "*?,[]" else c for c in text)
+
+
 async def cmd_track(args: argparse.Namespace) -> int:
     async with FeedClient.connect(resolve_socket(args.socket, args.config)) as client:
         result = await client.track(args.provider, args.ref)
@@ -455,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait for the job(s) to end; exit 0 if completed")
     submit.add_argument("--json", action="store_true")
     submit.set_defaults(func=cmd_submit)
+
+    outputs = client("outputs", "copy a job's archived outputs")
+    outputs.add_argument("job", metavar="ID")
+    outputs.add_argument("--to", default=".", help="destination folder (default: here)")
+    outputs.add_argument("--provider", help="when the id exists at several providers")
+    outputs.set_defaults(func=cmd_outputs)
 
     track = client("track", "follow a job submitted elsewhere")
     track.add_argument("provider")

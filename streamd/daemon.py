@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -387,9 +388,16 @@ class Daemon:
                 "socket": str(self.config.socket),
                 "state_dir": str(self.config.state_dir),
                 "journal_error": self.pipeline.stats.journal_error,
+                "archive_dir": str(self._archive_dir()) if self.config.archive.enabled else None,
+                "sidecars": [s.name for s in self.sidecars],
             },
             "providers": providers,
         }
+
+    def _archive_dir(self) -> Path:
+        if self.config.archive.dir:
+            return Path(self.config.archive.dir).expanduser().absolute()
+        return (self.config.state_dir / "archive").absolute()
 
     async def handle(self, req: p.AnyRequest) -> Any:
         if isinstance(req, p.Status):

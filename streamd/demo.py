@@ -93,7 +93,9 @@ async def _demo(
             daemon=DaemonFile(stalled_after=60.0),
             archive=ArchiveFile(enabled=True, dir=str(tmp / "archive")),
         )
-        await tg.start(Daemon(cfg).run)
+        from streamd.service import sidecars_for
+
+        await tg.start(Daemon(cfg, sidecars=sidecars_for(cfg)).run)
         tg.start_soon(lambda: generate(sock, names, rate=rate, speed=speed, seed=seed))
         if headless:
             print(f"streamd demo: {', '.join(names)} emulated on loopback; feed at {sock}", flush=True)

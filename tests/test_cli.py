@@ -123,6 +123,7 @@ def test_daemon_without_providers_answers_and_refuses_clearly(daemon: Path) -> N
         streamd("submit", "oxen", "--model", "m", "--prompt", "p", "--image", "/no/such.png", "--socket", str(daemon)),
         "--image /no/such.png: no such file",
     )
+    one_error_line(streamd("outputs", "nope", "--socket", str(daemon)), "no job 'nope' known to the daemon")
     jobs = streamd("jobs", "--json", "--socket", str(daemon))
     assert jobs.returncode == 0 and json.loads(jobs.stdout) == []
 
