@@ -189,24 +189,29 @@ class Connection:
     async def run(self) -> None:
         await self.send(p.encode(self.server._hello()))
         reader = BufferedByteReceiveStream(self.stream)
-        async with anyio.create_task_group() as tg:
-            try:
+        try:
+            async with anyio.create_task_group() as tg:
                 while True:
                     try:
                         line = await reader.receive_until(b"\n", p.MAX_LINE)
                     except anyio.DelimiterNotFound:
                         msg = f"request line longer than {p.MAX_LINE} bytes"
                         await self.send(p.encode(p.Error(code="too_long", message=msg, fatal=True)))
+                        tg.cancel_scope.cancel()
                         return
-                    except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+                    except (anyio.IncompleteRead, anyio.EndOfStream):
+                        # The peer closed its sending side (`echo ... | socat`): requests in flight still
+                        # get their replies and a subscription keeps streaming until the peer is gone.
+                        return
+                    except anyio.BrokenResourceError:
+                        tg.cancel_scope.cancel()
                         return
                     line = line.strip()
                     if line:
                         await self._dispatch(line, tg)
-            finally:
-                tg.cancel_scope.cancel()
-                if self._subscriber is not None:
-                    self.server.bus.unsubscribe(self._subscriber)
+        finally:
+            if self._subscriber is not None:
+                self.server.bus.unsubscribe(self._subscriber)
 
     async def _dispatch(self, line: bytes, tg: TaskGroup) -> None:
         try:
