@@ -16,7 +16,7 @@ import msgspec
 from streamd import __version__
 from streamd.config import ConfigError, default_socket, find_config, parse_file
 from streamd.errors import first_leaf
-from streamd.events import CloudEvent, Job, Kind, State, json_encoder
+from streamd.events import CloudEvent, Job, Kind, State, cost_text, json_encoder
 from streamd.feed import protocol as p
 from streamd.feed.client import FeedClient, FeedError
 from streamd.filters import FilterError, parse
@@ -79,7 +79,7 @@ def format_event(ev: CloudEvent, *, colour: bool = False) -> str:
     if d.kind is Kind.STATE and d.status is State.COMPLETED and d.outputs:
         extra.append(f"{len(d.outputs)} output{'s' if len(d.outputs) != 1 else ''}")
     if d.cost is not None and d.kind is Kind.STATE:
-        extra.append(format_cost(d.provider, d.cost))
+        extra.append(cost_text(d.provider, d.cost))
     if d.error:
         extra.append(f"error: {_one_line(d.error)}")
     if d.message and d.kind is not Kind.STATE:
@@ -87,17 +87,6 @@ def format_event(ev: CloudEvent, *, colour: bool = False) -> str:
     if d.model and d.kind is Kind.STATE and d.previous is None:
         extra.append(d.model)
     return f"{head}{what} [{d.upstream}, {d.origin.value}] {' '.join(extra)}".rstrip()
-
-
-CREDIT_PROVIDERS = frozenset({"apiframe"})  # costs in the provider's credits, not dollars
-
-
-def format_cost(provider: str, cost: float | None) -> str:
-    if cost is None:
-        return "-"
-    if provider in CREDIT_PROVIDERS:
-        return f"{cost:g} cr"
-    return f"${cost:.4f}"
 
 
 def _one_line(text: str, width: int = 100) -> str:
@@ -120,7 +109,7 @@ def format_jobs(jobs: Sequence[Job], *, colour: bool = False) -> str:
     now = time.time()
     rows = [f"{'PROVIDER':<9}{'JOB':<38}{'STATUS':<16}{'IN STATE':>9}{'TOTAL':>8}  {'COST':>8}  MODEL / PROMPT"]
     for j in jobs:
-        cost = format_cost(j.provider, j.cost)
+        cost = cost_text(j.provider, j.cost)
         prompt = (j.prompt or "").replace("\n", " ")
         desc = f"{j.model or '-'}  {prompt[:40]}"
         status = _colour(f"{j.status.value:<16}", j.status.value, colour)

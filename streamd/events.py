@@ -8,6 +8,8 @@ served as CloudEvents. Everything here is immutable and encodes with msgspec.
 from __future__ import annotations
 
 import enum
+import json
+import re
 import time as _time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -162,6 +164,18 @@ def envelope(data: EventData, *, seq: int, epoch: str, source: str, at: float | 
     )
 
 
+CREDIT_PROVIDERS = frozenset({"apiframe"})  # these report cost in their own credits, not US dollars
+
+
+def cost_text(provider: str, cost: float | None) -> str:
+    """A cost as people read it: dollars, or the provider's credits."""
+    if cost is None:
+        return "-"
+    if provider in CREDIT_PROVIDERS:
+        return f"{cost:g} cr"
+    return f"${cost:.4f}" if cost < 0.01 else f"${cost:.3f}" if cost < 10 else f"${cost:,.2f}"
+
+
 class Job(msgspec.Struct, kw_only=True):
     """A job's current view: what `jobs` and snapshots return. Mutable only inside the tracker."""
 
@@ -199,22 +213,72 @@ SECRET_KEYS = frozenset(
         "x-signature",
         "signature",
         "password",
+        "accesskey",  # Wiro: an output file's access key
     }
 )
 REDACTED = "[redacted]"
 
+#: A secret-named field inside text: a frame that could not be parsed (cut short, garbled), JSON held
+#: in a string, a Python repr, `key=value`, an `Authorization: Bearer ...` header. The closing quote is
+#: optional, so a frame cut inside a credential does not keep its first half.
+_SECRET_IN_TEXT = re.compile(
+    r"""(?<![A-Za-z0-9_-])((?:%s)(?:\\?["'])?\s*[:=]\s*)"""
+    r"""(\\?"[^"\\]*(?:\\?")?|'[^']*'?|(?:(?:bearer|basic)\s+)?[^\s,;&}\]"'\\]+)"""
+    % "|".join(re.escape(k) for k in sorted(SECRET_KEYS, key=len, reverse=True)),
+    re.IGNORECASE,
+)
+
+
+def scrub_text(text: str) -> str:
+    """`text` with the value of every secret-named field in it replaced."""
+    return _SECRET_IN_TEXT.sub(r'\1"[redacted]"', text)
+
 
 def scrub(raw: Any, *, depth: int = 0) -> Any:
-    """A copy of a provider payload with credential fields replaced, so raw data is safe to serve."""
+    """A copy of a provider payload with credential fields replaced, so raw data is safe to serve.
+    Strings are searched too: a payload that could not be parsed is kept as text."""
     if depth > 32:
         return REDACTED
     if isinstance(raw, Mapping):
         return {k: (REDACTED if str(k).lower() in SECRET_KEYS else scrub(v, depth=depth + 1)) for k, v in raw.items()}
     if isinstance(raw, list | tuple):
         return [scrub(v, depth=depth + 1) for v in raw]
+    if isinstance(raw, str) and len(raw) > 6:
+        return scrub_text(raw)
     return raw
 
 
 json_encoder = msgspec.json.Encoder()
 cloud_decoder = msgspec.json.Decoder(CloudEvent)
 job_decoder = msgspec.json.Decoder(Job)
+_any_decoder = msgspec.json.Decoder()
+
+
+def loads(data: str | bytes | bytearray) -> Any:
+    """JSON from a provider as Python data that can always be journaled; ValueError if it is not JSON.
+
+    JSON may escape lone UTF-16 surrogates (`"\\ud83d"`: JavaScript's `JSON.stringify` writes one for a
+    string cut in the middle of an emoji). No UTF-8 text can hold them, so an event carrying one could
+    not be encoded and the provider that read it would crash on every poll; they become U+FFFD. JSON
+    nested too deeply to decode is a ValueError too, not a RecursionError that callers do not expect.
+    """
+    try:
+        return _any_decoder.decode(data)
+    except msgspec.DecodeError:
+        pass  # not JSON, or JSON that msgspec is stricter about (lone surrogates, NaN, numbers out of range)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    try:
+        return _mend(json.loads(data))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _mend(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace") if not value.isascii() else value
+    if isinstance(value, dict):
+        return {_mend(k): _mend(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mend(v) for v in value]
+    return value

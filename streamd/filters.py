@@ -4,6 +4,8 @@
 
 Terms are ANDed; a term's comma-separated values are ORed; `-` or `!` negates a term; values may
 use `*` and `?` globs; bare words match the job id, model or prompt as case-insensitive text.
+A positive `status` term also matches the state event that moves a job *out* of a matching state
+(its `previous`), so a filtered stream tells its reader when a job leaves the set.
 Fields: provider (p), job (j, id), status (s, state), model (m), kind (k), origin (o), text (t).
 """
 
@@ -58,10 +60,18 @@ class Term:
             texts = [str(v).lower() for v in values if v]
             return any(p.search(t) for p in self.patterns for t in texts)
         value = getattr(item, self.field, None)
+        if self.field == "status" and not self.negated and self._left(item):
+            return True
         if value is None:
             return False
         text = str(value).lower()
         return any(p.fullmatch(text) for p in self.patterns)
+
+    def _left(self, item: object) -> bool:
+        """A state event whose `previous` state matches: the job is leaving the filtered set, and a
+        view filtered on `status` must hear it or it would show the job in its old state forever."""
+        previous = getattr(item, "previous", None)
+        return previous is not None and any(p.fullmatch(str(previous).lower()) for p in self.patterns)
 
 
 @dataclass(frozen=True)

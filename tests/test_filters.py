@@ -67,3 +67,21 @@ def test_same_filter_applies_to_jobs() -> None:
 def test_bad_filters_say_what_is_wrong(expr: str, needle: str) -> None:
     with pytest.raises(FilterError, match=needle):
         parse(expr)
+
+
+def test_status_terms_also_match_a_job_leaving_the_state() -> None:
+    """A view filtered on `status:running` must hear that a running job completed."""
+    leaving = EventData(
+        provider="oxen",
+        job="a",
+        kind=Kind.STATE,
+        status=State.COMPLETED,
+        previous=State.RUNNING,
+        upstream="x",
+        origin=Origin.POLL,
+    )
+    assert parse("status:running")(leaving)
+    assert parse("status:completed")(leaving)
+    assert not parse("status:queued")(leaving)
+    assert parse("-status:running")(leaving)  # negation looks at the new state only
+    assert not parse("-status:completed")(leaving)

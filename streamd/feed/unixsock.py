@@ -2,9 +2,9 @@
 
 anyio's asyncio backend waits for Unix sockets with `add_reader(fd, future.set_result, None)`;
 when a wait is cancelled in the same loop iteration as the socket becomes readable, the callback
-runs on a cancelled future and the loop reports InvalidStateError. asyncio's `sock_recv`,
-`sock_sendall` and `sock_accept` check for that, so the feed uses them (the asyncio backend is
-pinned anyway: websockets and Textual need it).
+runs on a cancelled future and the loop reports InvalidStateError. asyncio's `sock_recv` and
+`sock_sendall` check for that (its `sock_accept` does not on 3.11, so accepting waits with a guarded
+reader of its own). The asyncio backend is pinned anyway: websockets and Textual need it.
 """
 
 from __future__ import annotations
@@ -85,12 +85,14 @@ def listen(path: Path, mode: int) -> socket.socket:
 
 async def serve(sock: socket.socket, handler: Callable[[UnixStream], Coroutine[Any, Any, None]], tg: TaskGroup) -> None:
     """Accept forever, one task per connection in `tg`."""
-    loop = asyncio.get_running_loop()
     sock.setblocking(False)
     while True:
         try:
-            conn, _ = await loop.sock_accept(sock)
-        except (ConnectionAbortedError, BlockingIOError, InterruptedError):
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            await _readable(sock)
+            continue
+        except ConnectionAbortedError:
             continue
         except OSError as exc:  # out of descriptors: say nothing new, breathe, go on
             if exc.errno in (24, 23):  # EMFILE, ENFILE
@@ -98,6 +100,23 @@ async def serve(sock: socket.socket, handler: Callable[[UnixStream], Coroutine[A
                 continue
             raise
         tg.start_soon(handler, UnixStream(conn))
+
+
+async def _readable(sock: socket.socket) -> None:
+    """Wait until `sock` can be read, safely cancellable (Python 3.11's `loop.sock_accept` is not:
+    its callback may complete a future that was already cancelled)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def connect(path: Path) -> UnixStream:

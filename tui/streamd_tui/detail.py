@@ -19,13 +19,12 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from streamd.events import CloudEvent, Kind, Origin
+from streamd.events import CloudEvent, Kind, Origin, cost_text
 from streamd_tui.format import (
     STATE_GLYPH,
     Palette,
     ViewClock,
     clock_text,
-    cost_text,
     duration,
     progress_cell,
     state_cell,
@@ -71,7 +70,7 @@ def event_detail(event: CloudEvent) -> str:
     if data.paths or data.kind is Kind.ARCHIVED:
         parts.append(f"archived {len(data.paths or data.outputs)} file(s)")
     if data.cost is not None:
-        parts.append(cost_text(data.cost))
+        parts.append(cost_text(data.provider, data.cost))
     return "  ".join(parts)
 
 
@@ -127,7 +126,7 @@ class DetailPane(VerticalScroll):
             head.append("  ")
             head.append_text(progress_cell(job.percent, palette.state(job.status)))
         if job.cost is not None:
-            head.append(f"  · {cost_text(job.cost)}")
+            head.append(f"  · {cost_text(job.provider, job.cost)}")
         fields = Table.grid(padding=(0, 2))
         fields.add_column(style=muted, no_wrap=True)
         fields.add_column(overflow="fold")

@@ -16,7 +16,7 @@ from rich.style import Style
 from rich.text import Text
 from textual.color import Color, ColorParseError
 
-from streamd.events import Health, State
+from streamd.events import Health, State, cost_text
 from streamd_tui.model import STATE_ORDER, JobView
 
 STATE_GLYPH = {
@@ -136,12 +136,6 @@ def seconds_short(value: float | None) -> str:
     if value < 10:
         return f"{value:.1f}s"
     return duration(value)
-
-
-def cost_text(cost: float | None) -> str:
-    if cost is None:
-        return ""
-    return f"${cost:.4f}" if cost < 0.01 else f"${cost:.3f}" if cost < 10 else f"${cost:,.2f}"
 
 
 BAR = " ▏▎▍▌▋▊▉█"
@@ -269,7 +263,7 @@ COLUMNS: tuple[Column, ...] = (
         "cost",
         8,
         lambda j: j.cost,
-        lambda j, p, c: cell(cost_text(j.cost), right=True),
+        lambda j, p, c: cell(cost_text(j.provider, j.cost), right=True),
         lambda j: (-1.0 if j.cost is None else j.cost, -j.created),
         right=True,
     ),
