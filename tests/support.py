@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import anyio
+from anyio.abc import TaskStatus
 
-from streamd.events import EventData, Health, Job, Kind, Observation, Origin
+from streamd.config import Config, DaemonFile, ProviderSettings, Secret
+from streamd.daemon import Daemon
+from streamd.events import EventData, Health, Job, Kind, Observation, Origin, State
 from streamd.lifecycle import Tracker
+from streamd.providers.base import Context, Provider, ProviderError, SubmitRequest
 
 
 class RecordingContext:
@@ -86,16 +92,6 @@ class RecordingContext:
 
 
 # -- an in-process daemon with a scripted provider -------------------------------------------------
-import contextlib  # noqa: E402
-from collections.abc import AsyncIterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from anyio.abc import TaskStatus  # noqa: E402
-
-from streamd.config import Config, DaemonFile, ProviderSettings, Secret  # noqa: E402
-from streamd.daemon import Daemon  # noqa: E402
-from streamd.events import State  # noqa: E402
-from streamd.providers.base import Context, Provider, ProviderError, SubmitRequest  # noqa: E402
 
 
 class ScriptedProvider(Provider):
