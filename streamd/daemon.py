@@ -79,7 +79,7 @@ class ProviderContext:
 
     async def health(self, health: Health, *, message: str | None = None, delay: float | None = None) -> None:
         st = self.state
-        if (st.health, st.message) == (health, message) and health is not Health.RECONNECTING:
+        if (st.health, st.message) == (health, message) and health not in (Health.RECONNECTING, Health.DOWN):
             return
         st.health, st.message, st.delay, st.since = health, message, delay, time.time()
         await self.emit(

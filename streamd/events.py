@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 import time as _time
 from collections.abc import Mapping
@@ -139,12 +140,33 @@ def event_type(data: EventData) -> str:
     if data.kind is Kind.HEALTH:
         return TYPE_PREFIX + "provider.health"
     if data.kind is Kind.STATE and data.status is not None:
-        return TYPE_PREFIX + "job." + data.status.value
-    return TYPE_PREFIX + "job." + data.kind.value
+        return _STATE_TYPES[data.status]
+    return _KIND_TYPES[data.kind]
+
+
+_STATE_TYPES = {s: TYPE_PREFIX + "job." + s.value for s in State}
+_KIND_TYPES = {k: TYPE_PREFIX + "job." + k.value for k in Kind}
+
+
+_second: tuple[int | None, str] = (None, "")  # the last whole second formatted, and its text
 
 
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """`datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")` with a `Z`, exactly (the
+    microseconds rounded half-to-even as datetime does), formatting the date and time once a second."""
+    global _second
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        us -= 1_000_000
+        whole += 1.0
+    elif us < 0:
+        us += 1_000_000
+        whole -= 1.0
+    sec = int(whole)
+    if _second[0] != sec:
+        _second = (sec, datetime.fromtimestamp(sec, UTC).isoformat().replace("+00:00", ""))
+    return f"{_second[1]}.{us:06d}Z"
 
 
 def envelope(data: EventData, *, seq: int, epoch: str, source: str, at: float | None = None) -> CloudEvent:
@@ -219,19 +241,31 @@ SECRET_KEYS = frozenset(
 REDACTED = "[redacted]"
 
 #: A secret-named field inside text: a frame that could not be parsed (cut short, garbled), JSON held
-#: in a string, a Python repr, `key=value`, an `Authorization: Bearer ...` header. The closing quote is
-#: optional, so a frame cut inside a credential does not keep its first half.
+#: in a string, a Python repr, `key=value`, an `Authorization: Bearer ...` header; its value a string,
+#: a list or a flat object. The closing quote or bracket is optional, so a frame cut inside a
+#: credential does not keep its first half.
 _SECRET_IN_TEXT = re.compile(
-    r"""(?<![A-Za-z0-9_-])((?:%s)(?:\\?["'])?\s*[:=]\s*)"""
-    r"""(\\?"[^"\\]*(?:\\?")?|'[^']*'?|(?:(?:bearer|basic)\s+)?[^\s,;&}\]"'\\]+)"""
-    % "|".join(re.escape(k) for k in sorted(SECRET_KEYS, key=len, reverse=True)),
+    r"""((?:"""
+    + "|".join(re.escape(k) for k in sorted(SECRET_KEYS, key=len, reverse=True))
+    + r""")(?:\\?["'])?\s*[:=]\s*)"""
+    r"""(\\?"[^"\\]*(?:\\?")?|'[^']*'?|\[[^\]]*\]?|\{[^}]*\}?|(?:(?:bearer|basic)\s+)?[^\s,;&}\]"'\\]+)""",
     re.IGNORECASE,
 )
 
 
 def scrub_text(text: str) -> str:
     """`text` with the value of every secret-named field in it replaced."""
-    return _SECRET_IN_TEXT.sub(r'\1"[redacted]"', text)
+    low = text.lower()  # every secret key holds one of these words: most text is passed over cheaply
+    if (
+        "key" in low
+        or "token" in low
+        or "secret" in low
+        or "signature" in low
+        or "password" in low
+        or "authorization" in low
+    ):
+        return _SECRET_IN_TEXT.sub(r'\1"[redacted]"', text)
+    return text
 
 
 def scrub(raw: Any, *, depth: int = 0) -> Any:
@@ -239,15 +273,26 @@ def scrub(raw: Any, *, depth: int = 0) -> Any:
     Strings are searched too: a payload that could not be parsed is kept as text."""
     if depth > 32:
         return REDACTED
-    if isinstance(raw, Mapping):
+    kind = type(raw)
+    if kind is dict:  # the common case, without an ABC isinstance check and a call per plain value
+        return {
+            k: REDACTED
+            if (k if type(k) is str else str(k)).lower() in SECRET_KEYS
+            else (v if depth < 32 and type(v) in _PLAIN else scrub(v, depth=depth + 1))
+            for k, v in raw.items()
+        }
+    if kind in _PLAIN:
+        return raw
+    if kind is not str and isinstance(raw, Mapping):
         return {k: (REDACTED if str(k).lower() in SECRET_KEYS else scrub(v, depth=depth + 1)) for k, v in raw.items()}
     if isinstance(raw, list | tuple):
         return [scrub(v, depth=depth + 1) for v in raw]
-    if isinstance(raw, str) and len(raw) > 6:
+    if isinstance(raw, str):
         return scrub_text(raw)
     return raw
 
 
+_PLAIN = frozenset({int, float, bool, type(None)})  # exactly these types: never a Mapping, a list or text
 json_encoder = msgspec.json.Encoder()
 cloud_decoder = msgspec.json.Decoder(CloudEvent)
 job_decoder = msgspec.json.Decoder(Job)

@@ -11,6 +11,7 @@ epoch knows its cursor means nothing here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -43,13 +45,19 @@ CREATE INDEX IF NOT EXISTS jobs_live ON jobs (terminal, updated);
 """
 
 
+_REMEMBER = (
+    "INSERT INTO jobs (provider, job, terminal, updated, body, follow) VALUES (?, ?, 0, ?, ?, ?) "
+    "ON CONFLICT (provider, job) DO UPDATE SET follow = excluded.follow"
+)
+
+
 class JournalError(Exception):
     """The journal cannot be written or read; the message says where and why."""
 
 
-@dataclass(frozen=True, slots=True)
-class Append:
-    """One event to write, with the job row it leaves behind (None for health events)."""
+class Append(NamedTuple):
+    """One event to write, with the job row it leaves behind (None for health events).
+    (A named tuple: immutable, and built several times faster than a frozen dataclass.)"""
 
     seq: int
     time: float
@@ -70,6 +78,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes
     conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA secure_delete=FAST")  # overwritten credentials are zeroed, not left in the page
     return conn
 
 
@@ -95,6 +104,7 @@ class Journal:
         self.last_seq: int = row[1] or int(self._meta("last_seq") or 0)
         self.oldest: int = row[0] or self.last_seq + 1
         self._appends_since_trim = 0
+        self._unsaved: dict[tuple[str, str], bytes] = {}  # follow-up data `remember` could not write yet
 
     # -- meta --------------------------------------------------------------------------------
     def _meta(self, key: str) -> str | None:
@@ -127,18 +137,16 @@ class Journal:
         with self._wlock:
             try:
                 self._w.execute("BEGIN IMMEDIATE")
-                self._w.executemany(
-                    "INSERT INTO events (seq, time, body) VALUES (?, ?, ?)", [(a.seq, a.time, a.body) for a in batch]
-                )
+                _insert_rows(self._w, _EVENTS, [(a.seq, a.time, a.body) for a in batch])
                 if jobs:
-                    self._w.executemany(
-                        "INSERT INTO jobs (provider, job, terminal, updated, body) VALUES (?, ?, ?, ?, ?) "
-                        "ON CONFLICT (provider, job) DO UPDATE SET terminal = excluded.terminal, "
-                        "updated = excluded.updated, body = excluded.body",
-                        [(k[0], k[1], int(a.terminal), a.time, a.job_body) for k, a in jobs.items()],
+                    _insert_rows(
+                        self._w, _JOBS, [(k[0], k[1], int(a.terminal), a.time, a.job_body) for k, a in jobs.items()]
                     )
                 self._w.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(batch[-1].seq),))
+                if self._unsaved:
+                    self._w.executemany(_REMEMBER, [(p, j, time.time(), b"", f) for (p, j), f in self._unsaved.items()])
                 self._w.execute("COMMIT")
+                self._unsaved.clear()
             except sqlite3.Error as exc:
                 if self._w.in_transaction:
                     self._w.execute("ROLLBACK")
@@ -148,7 +156,10 @@ class Journal:
                 self.oldest = batch[0].seq
             self._appends_since_trim += len(batch)
             if self._appends_since_trim >= 10_000:
-                self._trim()
+                # The batch is committed: a failed trim (a DELETE needs WAL room a full disk may lack)
+                # must not report it as failed, or it is retried and collides on its seqs for ever.
+                with contextlib.suppress(JournalError):
+                    self._trim()
 
     def trim(self, now: float | None = None) -> int:
         """Apply retention now; returns the number of events removed."""
@@ -160,7 +171,14 @@ class Journal:
         cutoff_seq = self.last_seq - self.retention.max_events
         cutoff_time = (time.time() if now is None else now) - self.retention.max_age
         try:
-            cur = self._w.execute("DELETE FROM events WHERE seq <= ? OR time < ?", (cutoff_seq, cutoff_time))
+            # Events are appended in time order, so the expired ones are the oldest: walk the seq
+            # index from the oldest row to the first one still young enough (and delete a prefix)
+            # instead of reading every row's time, which made each trim cost the whole journal.
+            row = self._w.execute(
+                "SELECT seq FROM events WHERE time >= ? ORDER BY seq LIMIT 1", (cutoff_time,)
+            ).fetchone()
+            young = row[0] if row is not None else self.last_seq + 1
+            cur = self._w.execute("DELETE FROM events WHERE seq <= ?", (max(cutoff_seq, young - 1),))
             row = self._w.execute("SELECT MIN(seq) FROM events").fetchone()
         except sqlite3.Error as exc:
             raise JournalError(f"journal {self.path}: retention failed: {exc}") from None
@@ -168,13 +186,18 @@ class Journal:
         return cur.rowcount
 
     def remember(self, provider: str, job: str, follow: bytes) -> None:
-        """Store what is needed to keep following a job (credentials included: never served)."""
+        """Store what is needed to keep following a job (credentials included: never served).
+
+        If the journal cannot be written now (disk full, read-only), it is kept and written with the
+        next batch of events that goes in, as the pipeline holds its events: the provider goes on
+        following the job meanwhile, and a submit is not failed for it."""
         with self._wlock:
-            self._w.execute(
-                "INSERT INTO jobs (provider, job, terminal, updated, body, follow) VALUES (?, ?, 0, ?, ?, ?) "
-                "ON CONFLICT (provider, job) DO UPDATE SET follow = excluded.follow",
-                (provider, job, time.time(), b"", follow),
-            )
+            try:
+                self._w.execute(_REMEMBER, (provider, job, time.time(), b"", follow))
+            except sqlite3.Error:
+                self._unsaved[(provider, job)] = follow
+            else:
+                self._unsaved.pop((provider, job), None)  # an older one held back must not overwrite it
 
     # -- reading ---------------------------------------------------------------------------------
     def read_after(self, seq: int, limit: int = 1000) -> list[tuple[int, bytes]]:
@@ -225,6 +248,22 @@ class Journal:
         body, follow = row
         return (job_decoder.decode(body) if body else None), (bytes(follow) if follow else None)
 
+    def jobs_by_id(self, provider: str, jobs: Iterable[str]) -> dict[str, Job]:
+        """The stored rows of several of one provider's jobs, in one indexed read per 500 ids."""
+        ids = list(jobs)
+        out: dict[str, Job] = {}
+        with self._rlock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                rows = self._r.execute(
+                    f"SELECT job, body FROM jobs WHERE provider = ? AND job IN ({','.join('?' * len(chunk))})",
+                    (provider, *chunk),
+                ).fetchall()
+                for job, body in rows:
+                    if body:
+                        out[str(job)] = job_decoder.decode(body)
+        return out
+
     def jobs(self, *, active: bool = False, limit: int = 1000) -> list[Job]:
         sql = "SELECT body FROM jobs WHERE body != x''"
         if active:
@@ -259,6 +298,35 @@ class Journal:
             for conn in (self._r, self._w):
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
+
+
+# Rows go in as multi-row `INSERT ... VALUES (...), (...)` statements: Python's sqlite3 lets go of the
+# GIL around every sqlite3_step, so with one step per row (executemany) the writer thread queued for
+# the GIL once per row behind the busy event loop. One step per statement makes that a few per batch.
+# At most 999 parameters a statement, the limit of SQLite builds before 3.32.
+_EVENTS = ("INSERT INTO events (seq, time, body) VALUES ", "(?, ?, ?)", "", 3)
+_JOBS = (
+    "INSERT INTO jobs (provider, job, terminal, updated, body) VALUES ",
+    "(?, ?, ?, ?, ?)",
+    " ON CONFLICT (provider, job) DO UPDATE SET terminal = excluded.terminal, "
+    "updated = excluded.updated, body = excluded.body, "
+    # A finished job needs no follow-up data, and it may hold credentials (a Wiro task token): drop it.
+    "follow = CASE WHEN excluded.terminal THEN NULL ELSE follow END",
+    5,
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _statement(head: str, row: str, tail: str, rows: int) -> str:
+    return head + ", ".join([row] * rows) + tail
+
+
+def _insert_rows(conn: sqlite3.Connection, sql: tuple[str, str, str, int], rows: Sequence[tuple[object, ...]]) -> None:
+    head, row, tail, width = sql
+    per = 999 // width
+    for i in range(0, len(rows), per):
+        chunk = rows[i : i + per]
+        conn.execute(_statement(head, row, tail, len(chunk)), [v for r in chunk for v in r])
 
 
 def encode_follow(follow: dict[str, str]) -> bytes:

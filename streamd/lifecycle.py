@@ -82,7 +82,8 @@ class Tracker:
     def apply(self, obs: Observation, now: float) -> list[EventData]:
         if obs.job is None:
             return [self._data(obs, None, None, None)]
-        job = self.get(obs.provider, obs.job)
+        key = (obs.provider, obs.job)
+        job = self._live.get(key) or self._finished.get(key)  # self.get(), inline: this runs per event
         if obs.kind is Kind.STATE:
             assert obs.state is not None, "a state observation carries a state"
             return self._apply_state(job, obs, obs.state, now)
@@ -108,12 +109,12 @@ class Tracker:
     def _apply_state(self, job: Job | None, obs: Observation, new: State, now: float) -> list[EventData]:
         assert obs.job is not None
         current = job.status if job is not None else None
-        verdict = judge(current, new)
-        if verdict is Verdict.CONFLICT:
-            assert job is not None
-            note = f"{obs.upstream} says {new.value}, but the job already ended {current}"
-            return [self._data(obs, job, current, current, kind=Kind.DIAGNOSTIC, message=note)]
-        if verdict is not Verdict.MOVE:
+        if new not in TRANSITIONS[current]:  # judge() says MOVE exactly then: the common case, checked inline
+            verdict = judge(current, new)
+            if verdict is Verdict.CONFLICT:
+                assert job is not None
+                note = f"{obs.upstream} says {new.value}, but the job already ended {current}"
+                return [self._data(obs, job, current, current, kind=Kind.DIAGNOSTIC, message=note)]
             self.dropped[verdict] += 1
             if job is not None and new == current:
                 self._merge(job, obs, now)  # a poll may add outputs/cost a push lacked
@@ -127,9 +128,10 @@ class Tracker:
             job.progress = None
         if new is DONE and job.progress is not None:
             job.progress = Progress(percent=100.0, step=job.progress.steps, steps=job.progress.steps)
-        self._stalled.discard(job.key)
+        key = job.key
+        self._stalled.discard(key)
         self._merge(job, obs, now)
-        self._put(job)
+        self._put(job, key)
         return [self._data(obs, job, current, new, kind=Kind.STATE)]
 
     def _merge(self, job: Job, obs: Observation, now: float) -> None:
@@ -145,8 +147,8 @@ class Tracker:
         if obs.cost is not None:
             job.cost = obs.cost
 
-    def _put(self, job: Job) -> None:
-        key = job.key
+    def _put(self, job: Job, key: tuple[str, str] | None = None) -> None:
+        key = key or job.key
         if job.status in TERMINAL:
             self._live.pop(key, None)
             self._stalled.discard(key)

@@ -8,17 +8,17 @@ publishes them to the bus: nobody ever sees an event the journal does not hold.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from streamd.bus import Bus, Item
-from streamd.events import Job, Kind, Observation, envelope, json_encoder
+from streamd.events import TERMINAL, Job, Kind, Observation, envelope, json_encoder
 from streamd.journal import Append, Journal, JournalError
 from streamd.lifecycle import Tracker
 from streamd.transport.backoff import Reconnector
@@ -46,34 +46,77 @@ class Pipeline:
         self.epoch = journal.epoch
         self.next_seq = journal.last_seq + 1
         self.stats = Stats()
-        self._lock = anyio.Lock()
-        send, recv = anyio.create_memory_object_stream[tuple[Append, Item]](QUEUE)
-        self._send: MemoryObjectSendStream[tuple[Append, Item]] = send
-        self._recv: MemoryObjectReceiveStream[tuple[Append, Item]] = recv
+        # One lock for the tracker and the seq counter; contended, emitters queue on it in order. It is
+        # asyncio's own (the asyncio backend is pinned: see feed/unixsock.py): anyio's Lock looks the
+        # backend and the current task up on every acquire and release, which cost more than the rest
+        # of a one-event emit (a WebSocket provider emits each message on its own).
+        self._lock = asyncio.Lock()
+        # The bounded queue to the writer. A deque plus two wake-up events instead of a memory object
+        # stream: appending never yields to the loop (a stream's send checkpoints on every item), and an
+        # emitter waits for room *before* the tracker moves or a seq is taken, so a cancelled emitter
+        # leaves no hole in the seqs. It holds at most QUEUE + 1 events (an observation makes at most two).
+        self._queue: deque[tuple[Append, Item]] = deque()
+        self._has_data = anyio.Event()
+        self._has_room = anyio.Event()
         self._db = anyio.CapacityLimiter(1)
         self.written_seq = journal.last_seq
         self._written = anyio.Event()
 
     async def emit(self, *observations: Observation) -> None:
+        # One checkpoint per call, before anything moves: a cancellation point, and a turn for the
+        # other tasks, so an emitter in a tight loop never starves the loop (the old lock gave one too).
+        # On asyncio that is what anyio.lowlevel.checkpoint() does, without looking the backend up.
+        await asyncio.sleep(0)
         async with self._lock:
+            absent = self._restore_many(observations)
+            queue = self._queue
+            tracker = self.tracker
+            emitted = self.stats.emitted
+            epoch, source = self.epoch, self.source
+            encode, get = json_encoder.encode, tracker.get
             for obs in observations:
+                while len(queue) >= QUEUE:  # full: the providers slow down, nothing has moved yet
+                    self._has_data.set()
+                    room = self._has_room = anyio.Event()
+                    await room.wait()
                 now = time.time()
-                if obs.job is not None and self.tracker.get(obs.provider, obs.job) is None:
+                if obs.job is not None and (obs.provider, obs.job) not in absent and get(obs.provider, obs.job) is None:
                     self._restore(obs.provider, obs.job)
-                for data in self.tracker.apply(obs, now):
+                for data in tracker.apply(obs, now):
                     seq = self.next_seq
                     self.next_seq += 1
-                    body = json_encoder.encode(envelope(data, seq=seq, epoch=self.epoch, source=self.source, at=now))
+                    body = encode(envelope(data, seq=seq, epoch=epoch, source=source, at=now))
                     job: Job | None = None
                     if data.job is not None and data.kind is not Kind.HEALTH:
-                        job = self.tracker.get(data.provider, data.job)
+                        job = get(data.provider, data.job)
                     if job is not None:
                         job.seq = seq
-                        append = Append(seq, now, body, job.key, json_encoder.encode(job), job.status.terminal)
+                        append = Append(seq, now, body, job.key, encode(job), job.status in TERMINAL)
                     else:
                         append = Append(seq, now, body)
-                    self.stats.emitted[data.provider] += 1
-                    await self._send.send((append, Item(seq, body, data)))
+                    emitted[data.provider] += 1
+                    queue.append((append, Item(seq, body, data)))
+            if queue:
+                self._has_data.set()
+
+    def _restore_many(self, observations: tuple[Observation, ...]) -> set[tuple[str, str]]:
+        """Restore, in one read per provider, the jobs of a batch the tracker does not cache; returns the
+        keys the job store does not hold either (new jobs), which need no further look-up."""
+        if len(observations) < 2:
+            return set()
+        tracker = self.tracker
+        missing: dict[str, set[str]] = {}
+        for obs in observations:
+            if obs.job is not None and tracker.get(obs.provider, obs.job) is None:
+                missing.setdefault(obs.provider, set()).add(obs.job)
+        absent: set[tuple[str, str]] = set()
+        for provider, jobs in missing.items():
+            if len(jobs) < 2:
+                continue  # the per-observation look-up does it
+            found = self.journal.jobs_by_id(provider, jobs)
+            tracker.restore(found.values())
+            absent.update((provider, job) for job in jobs if job not in found)
+        return absent
 
     def _restore(self, provider: str, job: str) -> None:
         """A job the tracker no longer caches (finished long ago): its row decides duplicates.
@@ -88,22 +131,22 @@ class Pipeline:
         task_status.started()
         try:
             while True:
-                batch = [await self._recv.receive()]
-                self._drain_into(batch)
-                await self._write(batch)
+                while not self._queue:
+                    data = self._has_data = anyio.Event()
+                    await data.wait()
+                await self._write(self._take(BATCH))
         finally:
             with anyio.move_on_after(5, shield=True):
-                rest: list[tuple[Append, Item]] = []
-                self._drain_into(rest, limit=QUEUE)
+                rest = self._take(len(self._queue))
                 if rest:
                     await self._write(rest, retry=False)
 
-    def _drain_into(self, batch: list[tuple[Append, Item]], limit: int = BATCH) -> None:
-        while len(batch) < limit:
-            try:
-                batch.append(self._recv.receive_nowait())
-            except anyio.WouldBlock:
-                return
+    def _take(self, limit: int) -> list[tuple[Append, Item]]:
+        queue = self._queue
+        n = min(limit, len(queue))
+        batch = [queue.popleft() for _ in range(n)]
+        self._has_room.set()
+        return batch
 
     async def _write(self, batch: list[tuple[Append, Item]], *, retry: bool = True) -> None:
         appends = [a for a, _ in batch]

@@ -110,4 +110,3 @@ class Emulator(Protocol):
 
     async def restart(self) -> None:
         """Drop every open connection, as a server restart would (state is kept)."""
-

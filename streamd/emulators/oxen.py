@@ -250,6 +250,13 @@ class OxenEmulator:
         elif status in ("succeeded", "failed") and gen.status in ACTIVE:
             self._finish(gen, status, error or gen.plan.error or "forced failure")
 
+    def send_raw(self, frame: bytes) -> int:
+        """Send `frame` as it is to every connected SSE subscriber (tests: malformed events). Returns how many."""
+        subscribers = list(self._subscribers)
+        for sub in subscribers:
+            sub.send.send_nowait(frame)
+        return len(subscribers)
+
     # -- time ------------------------------------------------------------------------------------
     async def _clock(self) -> None:
         last = anyio.current_time()

@@ -367,7 +367,17 @@ class RunwareEmulator:
         task = self.tasks.get(task_id or "")
         if task is None:
             errors.append(self._error("taskNotFound", "No task found with this taskUUID", "getResponse", task_id))
-        elif task.status == "error":
+        elif task.status == "error":  # generations done before the failure stay there, as partial results do
+            for gen in task.gens:
+                if gen.status == "success":
+                    data.append(
+                        {
+                            "taskType": "getResponse",
+                            "taskUUID": task.id,
+                            "status": gen.status,
+                            **self._result(task, gen),
+                        }
+                    )
             errors.append(self._error(task.code, task.error, "getResponse", task.id))
         else:
             for gen in task.gens:

@@ -259,6 +259,13 @@ class WiroEmulator:
     def connections(self) -> int:
         return len(self._conns)
 
+    def send_raw(self, text: str) -> int:
+        """Send `text` as one frame to every socket connection (tests: malformed frames). Returns how many."""
+        conns = list(self._conns)
+        for conn in conns:
+            conn.send.send_nowait(text)
+        return len(conns)
+
     # -- the clock -----------------------------------------------------------------------------
     async def _clock(self) -> None:
         last = anyio.current_time()

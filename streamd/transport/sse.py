@@ -13,9 +13,10 @@ The parser is sans-I/O (bytes in, events out); `EventStream` only moves bytes in
 from __future__ import annotations
 
 import codecs
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
@@ -30,8 +31,7 @@ EXCERPT_CHARS = 200
 BOM = "\ufeff"
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):  # immutable, and built several times faster than a frozen dataclass
     event: str  # "message" when the stream gave no `event:` field
     data: str
     id: str = ""
@@ -131,11 +131,37 @@ class SSEParser:
         return self._dispatch(self._lines.decode(text))
 
     def _dispatch(self, lines: list[str]) -> list[SSEEvent]:
-        out = []
+        """`_WhatwgDecoder.decode` for each line, inlined on the decoder's own state: the same rules
+        (httpx-sse's field decoding plus the WHATWG fixes above) without a call and an httpx-sse
+        `ServerSentEvent` per line, which was most of the parsing cost of a busy stream."""
+        f = self._fields
+        out: list[SSEEvent] = []
         for line in lines:
-            sse = self._fields.decode(line)
-            if sse is not None:
-                out.append(SSEEvent(event=sse.event, data=sse.data, id=sse.id, retry=sse.retry))
+            if not line:
+                if f._data:  # dispatch, then reset the block (the last event id persists)
+                    out.append(SSEEvent(f._event or "message", "\n".join(f._data), f._last_event_id, f._retry))
+                    f._data = []
+                f._event = ""
+                f._retry = None
+                continue
+            if line[0] == ":":
+                f.comments += 1
+                continue
+            name, _, value = line.partition(":")
+            if value[:1] == " ":
+                value = value[1:]
+            if name == "data":
+                f._data.append(value)
+            elif name == "event":
+                f._event = value
+            elif name == "id":
+                if "\0" not in value:
+                    f._last_event_id = value
+            elif name == "retry":
+                with contextlib.suppress(TypeError, ValueError):
+                    f._retry = int(value)
+            if f._retry is not None and line.startswith("retry"):
+                f.reconnection_time = f._retry
         return out
 
 
@@ -152,6 +178,15 @@ class EventStream:
                 yield event
         for event in self.parser.close():
             yield event
+
+    async def batches(self) -> AsyncGenerator[list[SSEEvent], None]:
+        """The same events as `events()`, in the same order, a list per chunk read: a busy stream
+        is handed on a chunk at a time instead of an event at a time."""
+        async for chunk in self.response.aiter_bytes():
+            if events := self.parser.feed(chunk):
+                yield events
+        if events := self.parser.close():
+            yield events
 
 
 def media_type(content_type: str) -> str:

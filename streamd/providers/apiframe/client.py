@@ -17,6 +17,7 @@ import anyio
 import httpx
 
 from streamd.config import Secret
+from streamd.events import loads
 from streamd.providers.base import ProviderError, SubmitRequest
 from streamd.transport.backoff import backoff, retry_after
 
@@ -199,7 +200,7 @@ class ApiframeClient:
         if response is None:
             raise ProviderError("unavailable", self._clean(f"cannot reach Apiframe at {self.base_url} ({failure})"))
         try:
-            body: Any = response.json()
+            body: Any = loads(response.content)
         except ValueError:
             body = response.text[:2000]
         if response.is_success:

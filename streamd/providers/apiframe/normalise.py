@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from streamd.events import Kind, Observation, Origin, Progress, State, scrub
+from streamd.events import Kind, Observation, Origin, Progress, State, scrub, scrub_text
 
 PROVIDER = "apiframe"
 
@@ -177,9 +177,10 @@ def fingerprint(payload: Any) -> str:
 
 def _compact(value: Any, limit: int = 300) -> str:
     try:
-        text = json.dumps(value, default=repr)
+        text = json.dumps(scrub(value), default=repr)
     except (TypeError, ValueError):
         text = repr(value)
+    text = scrub_text(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from streamd.config import ProviderSettings
+from streamd.events import loads
 from streamd.providers.base import ProviderError
 from streamd.transport.backoff import retry_after as parse_retry_after
 
@@ -28,7 +29,7 @@ def error_message(body: bytes, status: int) -> str:
     """The server's own words from either error shape, else a short excerpt, else the status."""
     text = body[:4096].decode("utf-8", errors="replace")
     try:
-        parsed: Any = json.loads(text)
+        parsed: Any = loads(text)
     except ValueError:
         parsed = None
     detail: str | None = None
@@ -111,7 +112,7 @@ class OxenClient:
         if not response.content.strip():  # e.g. a 204 to DELETE
             return None
         try:
-            return response.json()
+            return loads(response.content)
         except ValueError:
             raise ProviderError(
                 "unavailable", f"Oxen answered {method} {path} with something that is not JSON"

@@ -9,12 +9,11 @@ versions used `model` instead of `model_name`; both are read. Anything unreadabl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from streamd.events import Kind, Observation, Origin, State, scrub
+from streamd.events import Kind, Observation, Origin, State, loads, scrub, scrub_text
 
 PROVIDER = "oxen"
 COMPLETED_EVENT = "media_generation_completed"
@@ -31,8 +30,9 @@ MAX_MESSAGE = 300
 
 
 def _short(value: Any) -> str:
+    """A message for people: one line, bounded, and with any credential in it (messages quote payloads) removed."""
     text = value if isinstance(value, str) else repr(value)
-    text = " ".join(text.split())
+    text = scrub_text(" ".join(text.split()))
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
@@ -90,7 +90,7 @@ def _outputs(value: Any) -> tuple[str, ...]:
 
 def _json(data: str | bytes | Any) -> Any:
     if isinstance(data, str | bytes):
-        return json.loads(data)
+        return loads(data)
     return data
 
 
@@ -106,7 +106,7 @@ def from_sse(event: str, data: str) -> list[Observation]:
 
 def _from_sse(event: str, data: str) -> list[Observation]:
     try:
-        payload: Any = json.loads(data)
+        payload: Any = loads(data)
     except ValueError:
         payload = None
     if event != COMPLETED_EVENT:

@@ -43,6 +43,7 @@ class _Due:
     interval: float
     last: str | None = None
     missing: bool = False
+    polled: float = -math.inf  # when its last status request went out
 
 
 class OxenProvider(Provider):
@@ -65,6 +66,7 @@ class OxenProvider(Provider):
         self._sweep_all = False  # set on (re)connect: re-poll everything at the next sweep
         self._last_list = -math.inf
         self._sse_up = False
+        self._connected_at = -math.inf  # when the event stream last came up
         self._auth_failed = False
         self._auth_ok = anyio.Event()
         self._hold_until = 0.0  # polls wait out a 429 until then
@@ -98,14 +100,15 @@ class OxenProvider(Provider):
                 async with sse.connect(self.client.http, self.events_url, read_timeout=self.read_timeout) as stream:
                     reconnector.connected(anyio.current_time())
                     self._sse_up = True
+                    self._connected_at = anyio.current_time()
                     await ctx.health(Health.CONNECTED)
                     self._request_sweep(everything=True)
                     if not started:
                         task_status.started()
                         started = True
-                    async with aclosing(stream.events()) as events:
-                        async for event in events:
-                            await ctx.emit(*normalise.from_sse(event.event, event.data))
+                    async with aclosing(stream.batches()) as batches:
+                        async for batch in batches:  # every event of a chunk read, in one emit
+                            await ctx.emit(*[o for e in batch for o in normalise.from_sse(e.event, e.data)])
                 message = "Oxen closed the event stream"
             except sse.SSEAuthError as exc:
                 self._sse_up = False
@@ -177,7 +180,10 @@ class OxenProvider(Provider):
             if job_id not in self._schedule:
                 self._schedule[job_id] = _Due(due=now, interval=self.base_interval, last=None)
         everything, self._sweep_all = self._sweep_all, False
-        due = [job_id for job_id, d in self._schedule.items() if everything or d.due <= now]
+        # After a (re)connect every job needs a poll that went out after it came up: one already
+        # polled since then (the first sweep at start-up races the connection) is not asked twice.
+        since = self._connected_at
+        due = [job_id for job_id, d in self._schedule.items() if d.due <= now or (everything and d.polled < since)]
         list_due = everything or (self._sse_up and now - self._last_list >= self.list_interval)
         if not due and not list_due:
             return
@@ -210,6 +216,7 @@ class OxenProvider(Provider):
             if self._auth_failed or anyio.current_time() < self._hold_until:
                 return
             try:
+                entry.polled = anyio.current_time()
                 payload = await self.client.status(job_id)
             except ProviderError as exc:
                 await self._poll_error(ctx, exc, job_id=job_id, entry=entry)

@@ -20,6 +20,7 @@ import httpx
 import msgspec
 
 from streamd.config import Secret
+from streamd.events import loads
 from streamd.providers.base import ProviderError, SubmitRequest
 from streamd.transport.backoff import retry_after
 
@@ -137,8 +138,8 @@ class RestClient:
             raise ProviderError("unavailable", f"cannot reach Runware at {self.base_url}: {reason}") from None
         status = response.status_code
         try:
-            body = msgspec.json.decode(response.content) if response.content else None
-        except msgspec.DecodeError:
+            body = loads(response.content) if response.content else None
+        except ValueError:
             body = None
         code = _first_code(body)
         if status in (401, 403):

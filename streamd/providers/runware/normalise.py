@@ -34,9 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
-from streamd.events import Kind, Observation, Origin, Progress, State, scrub
+from streamd.events import Kind, Observation, Origin, Progress, State, loads, scrub
 
 PROVIDER = "runware"
 
@@ -52,7 +50,6 @@ LEGACY_AUTH_ERROR_IDS = frozenset({19})
 RESULT_FIELDS = ("imageUUID", "imageURL", "imageBase64Data", "imageDataURI")
 MAX_RAW_TEXT = 2000
 _KEY_IN_TEXT = re.compile(r'("apiKey"\s*:\s*)"[^"]*"', re.IGNORECASE)
-_decoder = msgspec.json.Decoder()
 
 
 @dataclass
@@ -111,8 +108,8 @@ def decode(payload: Any) -> tuple[Any, str | None]:
     """JSON text or bytes to Python data; already-decoded data passes through."""
     if isinstance(payload, bytes | bytearray | memoryview | str):
         try:
-            return _decoder.decode(payload), None
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            return loads(bytes(payload) if isinstance(payload, memoryview) else payload), None
+        except ValueError as exc:
             return None, f"not JSON: {exc}"
     return payload, None
 

@@ -22,6 +22,7 @@ import anyio
 import httpx
 
 from streamd.config import ProviderSettings
+from streamd.events import loads
 from streamd.providers.base import ProviderError
 from streamd.transport.backoff import retry_after
 
@@ -181,7 +182,7 @@ class WiroClient:
     def _check(self, path: str, response: httpx.Response) -> dict[str, Any]:
         status = response.status_code
         try:
-            body = response.json()
+            body = loads(response.content)
         except ValueError:
             body = None
         errors = body.get("errors") if isinstance(body, dict) else None

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from streamd.events import REDACTED, Kind, Observation, Origin, Progress, State, scrub
+from streamd.events import REDACTED, Kind, Observation, Origin, Progress, State, loads, scrub
 
 PROVIDER = "wiro"
 EXTRA_SECRETS = frozenset({"accesskey"})
@@ -66,7 +66,7 @@ _ORDER = [State.QUEUED, State.ACCEPTED, State.PREPROCESSING, State.RUNNING, Stat
 def decode(message: str | bytes) -> Any:
     """A socket message as JSON, or the message itself when it is not JSON (the normaliser reports it)."""
     try:
-        return json.loads(message)
+        return loads(message)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return message
 

@@ -42,6 +42,7 @@ DEFAULT_QUIET = 15.0  # seconds without news before a task's repair poll
 POLL_CONCURRENCY = 4
 MAX_FRAME = 8 * 1024 * 1024  # LLM frames carry the whole accumulated text
 CLOSE_TIMEOUT = 3.0
+AUTH_PROBE_MAX = 60  # while the key is rejected, probe at most every quiet * 60 seconds (15 minutes)
 IDLE_DOUBLINGS = 3  # a task that keeps not changing waits up to quiet * 2**3 seconds between polls
 SETTLE_TRIES = 4  # Detail reads to find `pexit` after a task_postprocess_end frame
 EARLY = frozenset({State.QUEUED, State.ACCEPTED, State.PREPROCESSING})
@@ -71,6 +72,9 @@ class WiroProvider(Provider):
         self.quiet = float(settings.poll_interval or opts.get("quiet", DEFAULT_QUIET))
         self.reconnect_initial = float(opts.get("reconnect_initial", 1.0))
         self.reconnect_max = float(opts.get("reconnect_max", 60.0))
+        # WebSocket keepalive: a socket that stops answering pings for this long is dropped and reopened.
+        self.ping_interval = float(opts.get("ping_interval", 20.0))
+        self.ping_timeout = float(opts.get("ping_timeout", 20.0))
         self.connections = 0  # sockets opened so far (status, tests)
         self._tasks: dict[str, _Task] = {}
         self._urgent: set[str] = set()
@@ -83,6 +87,7 @@ class WiroProvider(Provider):
         self._ws_error: str | None = None
         self._ws_delay: float | None = None
         self._auth_error: str | None = None
+        self._auth_probes = 0  # probes sent since the key was rejected
         self._limited_until = 0.0
 
     # -- the long-running part ------------------------------------------------------------------------
@@ -115,8 +120,8 @@ class WiroProvider(Provider):
                 ws = await connect(
                     url,
                     open_timeout=15,
-                    ping_interval=20,
-                    ping_timeout=20,
+                    ping_interval=self.ping_interval,
+                    ping_timeout=self.ping_timeout,
                     close_timeout=CLOSE_TIMEOUT,
                     max_size=MAX_FRAME,
                     max_queue=64,
@@ -240,6 +245,17 @@ class WiroProvider(Provider):
                 continue
             if self._limited_until:
                 await self._recovered(ctx)  # the window Wiro asked for has passed
+            if self._auth_error:
+                # A rejected key stays rejected: no poll per task (a 401 each, for ever, is what gets keys
+                # blocked), one probe after a growing wait. Any accepted request clears the error.
+                wait = self.quiet * min(2**self._auth_probes, AUTH_PROBE_MAX)
+                self._auth_probes += 1
+                with anyio.move_on_after(wait):
+                    await poke.wait()
+                if self._auth_error:
+                    await self._probe(ctx)
+                continue
+            self._auth_probes = 0
             due = [t.id for t in self._tasks.values() if t.id in self._urgent or now >= t.due(self.quiet)]
             self._urgent.difference_update(due)
             if due:
@@ -249,8 +265,6 @@ class WiroProvider(Provider):
                     for ident in due:
                         tg.start_soon(self._poll, ctx, ident, limiter)
                 continue
-            if self._auth_error and not self._tasks:
-                await self._probe(ctx)  # notice when the credentials work again
             wait = min((t.due(self.quiet) for t in self._tasks.values()), default=now + self.quiet) - now
             with anyio.move_on_after(max(wait, 0.01)):
                 await poke.wait()
