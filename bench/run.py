@@ -858,6 +858,22 @@ def table(figs: list[Figure]) -> str:
 SECTIONS = ("throughput", "latency", "idle", "startup", "scale")
 
 
+def compare_table(before: list[Figure], after: list[Figure]) -> str:
+    old = {f.key: f for f in before}
+    rows = [("figure", "unit", "before", "after", "change", "target", "met after")]
+    for f in after:
+        o = old.get(f.key)
+        if o is None or not o.daemon or not f.daemon:
+            continue
+        b, a = statistics.median(o.daemon), statistics.median(f.daemon)
+        change = f"{a / b:.2f}x" if b else "-"
+        rows.append((f.name, f.unit, fmt([b], f.unit), fmt([a], f.unit), change, f.target, f.met()))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--smoke", action="store_true", help="a short run that checks the bench works (CI)")
@@ -868,11 +884,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--json", help="also write the samples to this file")
     ap.add_argument("--tree", help="run the daemon and CLI from this source tree (e.g. `git archive HEAD` unpacked)")
+    ap.add_argument(
+        "--compare",
+        metavar="TREE",
+        help="also measure the daemon from TREE (before), alternating with this one (after) measurement by "
+        "measurement, so both see the same machine; prints both tables and before -> after",
+    )
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     p = dataclasses.replace(SMOKE if args.smoke else FULL)
-    global TREE
-    TREE = Path(args.tree).resolve() if args.tree else None
     if args.runs:
         p.runs = args.runs
     if args.count:
@@ -885,53 +905,82 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         ap.error(f"--only: unknown {', '.join(unknown)}")
+    this = Path(args.tree).resolve() if args.tree else None
+    trees: list[tuple[str, Path | None]] = [("after" if args.compare else "streamd", this)]
+    if args.compare:
+        trees.insert(0, ("before", Path(args.compare).resolve()))
     started = time.monotonic()
     print(f"streamd bench ({'smoke' if args.smoke else 'full'}): {machine()}", flush=True)
-    print(f"daemon from {TREE or ROOT}", flush=True)
+    for label, tree in trees:
+        print(f"{label}: daemon from {tree or ROOT}", flush=True)
     busy_before = others_busy()
+    global TREE
     with tempfile.TemporaryDirectory(prefix="streamd-bench-") as tmpdir:
-        bench = Bench(p, Path(tmpdir), verbose=not args.quiet)
+        benches: list[tuple[str, Path | None, Bench]] = []
+        for label, tree in trees:
+            (Path(tmpdir) / label).mkdir()
+            benches.append((label, tree, Bench(p, Path(tmpdir) / label, verbose=not args.quiet)))
+
+        def each(step: Callable[[Bench], None]) -> None:
+            global TREE
+            for label, tree, bench in benches:
+                TREE = tree
+                if len(benches) > 1:
+                    bench.say(f"[{label}]")
+                step(bench)
+
         try:
             if "startup" in sections:
                 for _ in range(p.startup_runs):
-                    bench.startup()
-                dash = bench.dashboard_imported()
-                bench.figs["startup"].notes.append(
-                    "dashboard modules imported by `streamd run`: " + (", ".join(dash) if dash else "none")
-                )
+                    each(Bench.startup)
+
+                def dashboard(bench: Bench) -> None:
+                    dash = bench.dashboard_imported()
+                    bench.figs["startup"].notes.append(
+                        "dashboard modules imported by `streamd run`: " + (", ".join(dash) if dash else "none")
+                    )
+
+                each(dashboard)
             for run in range(p.runs):
-                bench.say(f"run {run + 1}/{p.runs}")
+                benches[0][2].say(f"run {run + 1}/{p.runs}")
                 if "throughput" in sections:
-                    bench.throughput()
+                    each(Bench.throughput)
                 if "latency" in sections:
-                    bench.latency()
+                    each(Bench.latency)
             if "idle" in sections:
                 for _ in range(p.idle_runs):
-                    bench.idle()
+                    each(Bench.idle)
             if "scale" in sections:
-                journal = bench.build_journal()
+                journal = benches[0][2].build_journal()
                 for _ in range(p.scale_runs):
-                    bench.scale(journal)
+                    each(lambda bench: bench.scale(journal))
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 1
-        figs = list(bench.figs.values())
-        print()
-        print(table(figs))
-        notes = [n for f in figs for n in f.notes]
-        if not bench.gap_free:
-            notes.append("WARNING: a subscriber saw a gap or a duplicate in seq")
-        elif "throughput" in sections:
-            notes.append("every subscriber saw gap-free, in-order seqs (last - first + 1 == events)")
-        if "latency" in sections:
-            notes.append(f"latency percentiles leave out the first {WARMUP:.0%} of events of each run")
+        finally:
+            TREE = this
         busy_after = others_busy()
-        notes.append(
-            f"other processes used {busy_before:.0%} of a core before the run and {busy_after:.0%} after "
+        for label, tree, bench in benches:
+            figs = list(bench.figs.values())
+            print(f"\n{label} ({tree or ROOT}):\n")
+            print(table(figs))
+            notes = [n for f in figs for n in f.notes]
+            if not bench.gap_free:
+                notes.append("WARNING: a subscriber saw a gap or a duplicate in seq")
+            elif "throughput" in sections:
+                notes.append("every subscriber saw gap-free, in-order seqs (last - first + 1 == events)")
+            for n in notes:
+                print(f"  * {n}")
+        if len(benches) > 1:
+            print("\nbefore -> after (medians):\n")
+            print(compare_table(list(benches[0][2].figs.values()), list(benches[1][2].figs.values())))
+        print()
+        if "latency" in sections:
+            print(f"  * latency percentiles leave out the first {WARMUP:.0%} of events of each run")
+        print(
+            f"  * other processes used {busy_before:.0%} of a core before the run and {busy_after:.0%} after "
             "(figures from a shared machine are noisy)"
         )
-        for n in notes:
-            print(f"  * {n}")
         print(f"\n{p.runs} run(s); median [min..max]; {time.monotonic() - started:.0f} s in all", flush=True)
         if args.json:
             Path(args.json).write_text(
@@ -939,10 +988,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     {
                         "machine": machine(),
                         "params": vars(p),
-                        "figures": [
-                            {"key": f.key, "name": f.name, "unit": f.unit, "daemon": f.daemon, "base": f.base}
-                            for f in figs
-                        ],
+                        "others_busy": [busy_before, busy_after],
+                        "trees": {
+                            label: {
+                                "path": str(tree or ROOT),
+                                "figures": [
+                                    {"key": f.key, "name": f.name, "unit": f.unit, "daemon": f.daemon, "base": f.base}
+                                    for f in bench.figs.values()
+                                ],
+                            }
+                            for label, tree, bench in benches
+                        },
                     },
                     indent=1,
                 )

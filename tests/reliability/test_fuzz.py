@@ -12,6 +12,7 @@ SSE stream and Wiro's socket, and a provider record carrying a lone surrogate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -500,9 +501,10 @@ async def test_garbage_on_the_push_channels_is_one_diagnostic_each_and_the_strea
     async with anyio.create_task_group() as tg:
         await tg.start(ox.serve)
         await tg.start(wi.serve)
+        calm = {"read_timeout": 30.0, "ping_interval": 10.0, "ping_timeout": 30.0}  # no reconnect on a slow machine
         settings = {
-            "oxen": _fast("oxen", ox.settings()),
-            "wiro": _fast("wiro", wi.settings()),
+            "oxen": _fast("oxen", ox.settings(), **calm),
+            "wiro": _fast("wiro", wi.settings(), **calm),
         }
         async with in_process(short_tmp, settings) as daemon, FeedClient.connect(daemon.config.socket) as client:
             with anyio.fail_after(30):
@@ -548,10 +550,8 @@ async def _all_connected(client: FeedClient) -> bool:
     return all(p["health"] == Health.CONNECTED for p in status["providers"])
 
 
-def _fast(name: str, s: ProviderSettings) -> ProviderSettings:
-    from dataclasses import replace
-
-    return replace(s, poll_interval=POLL[name], options={**s.options, **FAST[name]})
+def _fast(name: str, s: ProviderSettings, **options: Any) -> ProviderSettings:
+    return dataclasses.replace(s, poll_interval=POLL[name], options={**s.options, **FAST[name], **options})
 
 
 @pytest.mark.anyio
