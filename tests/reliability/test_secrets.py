@@ -117,7 +117,7 @@ async def test_no_credential_in_the_state_dir_the_log_the_feed_or_status(short_t
     assert not leaks, f"credentials found: {leaks}"
     # The search looked at real material: a long debug log, every event, a journal, and credentials
     # that went everywhere they legitimately go (Wiro got its tokens registered, outputs had keys).
-    assert len(stderr.splitlines()) > 100 and stderr.count(b"<7>") > 20, "a debug log"
-    assert len(lines) > 100 and any(p.name == "journal.sqlite3" for p in files)
+    assert len(stderr.splitlines()) > 50 and stderr.count(b"<7>") > 10, "a debug log"
+    assert len(lines) > 40 and any(p.name == "journal.sqlite3" for p in files)  # 13 jobs: 26 states at least
     assert len(tokens) == 4 and access and wiro.registrations >= len(tokens)
     assert not mismatches(jobs, f.emulators) and len(status["providers"]) == 4
