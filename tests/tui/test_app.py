@@ -273,7 +273,8 @@ async def test_reconnects_after_the_daemon_restarts_and_resumes_where_it_was() -
         seq = fake.seq
         fake.drop()
         await wait_until(pilot, lambda: app.link.status.state is LinkState.WAITING)
-        assert "reconnecting" in app.query_one(StatusBar).plain
+        # the bar re-renders on its own beat, and the link may already be trying again: wait to see it say so
+        await wait_until(pilot, lambda: "reconnecting in" in app.query_one(StatusBar).plain)
         fake.emit("oxen", "ox-000", State.RUNNING)  # happened while the dashboard was cut off
         fake.emit("oxen", "after-restart", State.QUEUED)
         fake.restart()
