@@ -37,7 +37,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from streamd.config import ProviderSettings, Secret
-from streamd.emulators.base import Faults, JobPlan, Truth, plan_for
+from streamd.emulators.base import Faults, JobPlan, Truth, plan_for, ticks
 from streamd.emulators.http import Drop, HttpServer, Request, Response
 
 TICK = 0.02  # seconds between clock steps
@@ -210,14 +210,8 @@ class ApiframeEmulator:
 
     # -- time ------------------------------------------------------------------------------------
     async def _clock(self) -> None:
-        last = anyio.current_time()
-        while True:
-            await anyio.sleep(TICK)
-            now = anyio.current_time()
-            dt, last = now - last, now
-            if self.faults.paused:
-                continue
-            for job in list(self._active.values()):
+        async for dt in ticks(TICK, self.faults):
+            for job in list(self._active.values()) if dt else ():
                 self._advance(job, dt)
 
     def _advance(self, job: ApiJob, dt: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -94,6 +95,16 @@ class Truth:
     outputs: list[str] = field(default_factory=list)
     cost: float | None = None
     error: str | None = None
+
+
+async def ticks(every: float, faults: Faults) -> AsyncIterator[float]:
+    """The emulated clock: seconds since the previous tick, or 0.0 while `faults.paused` stops time."""
+    last = anyio.current_time()
+    while True:
+        await anyio.sleep(every)
+        now = anyio.current_time()
+        dt, last = now - last, now
+        yield 0.0 if faults.paused else dt
 
 
 class Emulator(Protocol):

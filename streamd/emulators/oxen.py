@@ -27,7 +27,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from streamd.config import ProviderSettings, Secret
-from streamd.emulators.base import Faults, JobPlan, Truth, plan_for
+from streamd.emulators.base import Faults, JobPlan, Truth, plan_for, ticks
 from streamd.emulators.http import Drop, HttpServer, Request, Response, StreamResponse
 
 TICK = 0.02  # seconds between clock steps
@@ -259,14 +259,8 @@ class OxenEmulator:
 
     # -- time ------------------------------------------------------------------------------------
     async def _clock(self) -> None:
-        last = anyio.current_time()
-        while True:
-            await anyio.sleep(TICK)
-            now = anyio.current_time()
-            dt, last = now - last, now
-            if self.faults.paused:
-                continue
-            for gen in list(self._active.values()):
+        async for dt in ticks(TICK, self.faults):
+            for gen in list(self._active.values()) if dt else ():
                 self._advance(gen, dt)
 
     def _advance(self, gen: Generation, dt: float) -> None:

@@ -40,7 +40,7 @@ from websockets.http11 import Request as WsRequest
 from websockets.http11 import Response as WsResponse
 
 from streamd.config import ProviderSettings, Secret
-from streamd.emulators.base import FAILURES, Faults, JobPlan, Truth, plan_for
+from streamd.emulators.base import FAILURES, Faults, JobPlan, Truth, plan_for, ticks
 from streamd.emulators.http import Drop, HttpServer, Request, Response
 from streamd.emulators.oxen import tiny_png
 
@@ -206,14 +206,9 @@ class RunwareEmulator:
 
     # -- time ------------------------------------------------------------------------------------
     async def _clock(self) -> None:
-        last = anyio.current_time()
-        while True:
-            await anyio.sleep(TICK)
-            now = anyio.current_time()
-            dt, last = now - last, now
-            if not self.faults.paused:
-                for task in list(self._active.values()):
-                    self._advance(task, dt)
+        async for dt in ticks(TICK, self.faults):
+            for task in list(self._active.values()) if dt else ():
+                self._advance(task, dt)
             self._expire(time.monotonic())
 
     def _advance(self, task: Task, dt: float) -> None:

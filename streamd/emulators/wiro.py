@@ -44,7 +44,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from streamd.config import ProviderSettings, Secret
-from streamd.emulators.base import FAILURES, Faults, JobPlan, Truth, plan_for
+from streamd.emulators.base import FAILURES, Faults, JobPlan, Truth, plan_for, ticks
 from streamd.emulators.http import HttpServer, Request, Response
 from streamd.providers.wiro.client import sign
 
@@ -268,16 +268,13 @@ class WiroEmulator:
 
     # -- the clock -----------------------------------------------------------------------------
     async def _clock(self) -> None:
-        last = anyio.current_time()
-        while True:
-            await anyio.sleep(TICK)
-            now = anyio.current_time()
-            if not self.faults.paused:
-                self._clock_now += now - last
-                for task in list(self.tasks.values()):
-                    while task.steps and task.steps[0].at <= self._clock_now:
-                        self._fire(task, task.steps.popleft())
-            last = now
+        async for dt in ticks(TICK, self.faults):
+            if not dt:
+                continue
+            self._clock_now += dt
+            for task in list(self.tasks.values()):
+                while task.steps and task.steps[0].at <= self._clock_now:
+                    self._fire(task, task.steps.popleft())
 
     def _fire(self, task: _Task, step: _Step) -> None:
         now = int(time.time())
