@@ -315,3 +315,14 @@ async def test_provider_health_lines_and_screenshot(tmp_path: Path) -> None:
         assert cell_color(app, held, "state") == app.theme_variables["foreground-darken-2"].lower()
         await pilot.pause()
         app.save_screenshot("dashboard-nord.svg", str(tmp_path))
+
+
+@pytest.mark.anyio
+async def test_a_tick_that_lands_during_shutdown_is_a_no_op() -> None:
+    # Textual prunes the screens before it stops the app's timers: a late tick must not query them.
+    fake = seeded(2)
+    app = app_for(fake)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.table.row_count == 2)
+    assert not app.is_running
+    app.tick()

@@ -179,6 +179,9 @@ class StreamdApp(App[int]):
     # -- applying the feed -------------------------------------------------------------------------------
     def tick(self) -> None:
         """Apply what the link queued since the last tick; while paused, keep the view as it was."""
+        if not self.is_running:
+            # Shutting down: Textual prunes the screens before it stops the app's timers.
+            return
         start = time.perf_counter()
         now = self.wall()
         applied = self.store.apply_pending(now, limit=BATCH_LIMIT)
