@@ -264,6 +264,20 @@ class Journal:
                         out[str(job)] = job_decoder.decode(body)
         return out
 
+    def job_keys(self) -> Iterable[tuple[str, str]]:
+        """Every stored job's key, a batch at a time (what the pipeline's key filter starts from)."""
+        last = ("", "")
+        while True:
+            with self._rlock:
+                rows = self._r.execute(
+                    "SELECT provider, job FROM jobs WHERE (provider, job) > (?, ?) ORDER BY provider, job LIMIT 10000",
+                    last,
+                ).fetchall()
+            if not rows:
+                return
+            yield from ((str(p), str(j)) for p, j in rows)
+            last = rows[-1]
+
     def jobs(self, *, active: bool = False, limit: int = 1000) -> list[Job]:
         sql = "SELECT body FROM jobs WHERE body != x''"
         if active:
@@ -301,9 +315,11 @@ class Journal:
 
 
 # Rows go in as multi-row `INSERT ... VALUES (...), (...)` statements: Python's sqlite3 lets go of the
-# GIL around every sqlite3_step, so with one step per row (executemany) the writer thread queued for
-# the GIL once per row behind the busy event loop. One step per statement makes that a few per batch.
-# At most 999 parameters a statement, the limit of SQLite builds before 3.32.
+# GIL around every sqlite3_step, and getting it back from a busy event loop can take the whole switch
+# interval (5 ms). With one step per row (executemany) the writer queued for the GIL once per row; with
+# 999-parameter statements still ~35 times per 4,096-event batch, which made the journal the bottleneck.
+# Statements come in a few fixed sizes (powers of 4 rows, as large as the build's parameter limit
+# allows) so that SQLite's statement cache keeps them prepared: a full batch is one step per table.
 _EVENTS = ("INSERT INTO events (seq, time, body) VALUES ", "(?, ?, ?)", "", 3)
 _JOBS = (
     "INSERT INTO jobs (provider, job, terminal, updated, body) VALUES ",
@@ -314,6 +330,7 @@ _JOBS = (
     "follow = CASE WHEN excluded.terminal THEN NULL ELSE follow END",
     5,
 )
+_MOST_ROWS = 4096
 
 
 @functools.lru_cache(maxsize=64)
@@ -321,12 +338,24 @@ def _statement(head: str, row: str, tail: str, rows: int) -> str:
     return head + ", ".join([row] * rows) + tail
 
 
+@functools.lru_cache(maxsize=8)
+def _sizes(width: int, limit: int) -> tuple[int, ...]:
+    """Statement sizes in rows, largest first: powers of 4 up to what `limit` parameters allow."""
+    most = min(_MOST_ROWS, max(1, limit // width))
+    sizes = [1]
+    while sizes[-1] * 4 <= most:
+        sizes.append(sizes[-1] * 4)
+    return tuple(reversed(sizes))
+
+
 def _insert_rows(conn: sqlite3.Connection, sql: tuple[str, str, str, int], rows: Sequence[tuple[object, ...]]) -> None:
     head, row, tail, width = sql
-    per = 999 // width
-    for i in range(0, len(rows), per):
-        chunk = rows[i : i + per]
-        conn.execute(_statement(head, row, tail, len(chunk)), [v for r in chunk for v in r])
+    i, n = 0, len(rows)
+    for size in _sizes(width, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)):
+        while n - i >= size:
+            chunk = rows[i : i + size]
+            conn.execute(_statement(head, row, tail, size), [v for r in chunk for v in r])
+            i += size
 
 
 def encode_follow(follow: dict[str, str]) -> bytes:

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from streamd.bus import Bus, Item
 from streamd.events import TERMINAL, Job, Kind, Observation, envelope, json_encoder
 from streamd.journal import Append, Journal, JournalError
+from streamd.keyfilter import KeyFilter
 from streamd.lifecycle import Tracker
 from streamd.transport.backoff import Reconnector
 
@@ -45,6 +46,7 @@ class Pipeline:
         self.source = source
         self.epoch = journal.epoch
         self.next_seq = journal.last_seq + 1
+        self._stored = KeyFilter(journal.job_keys())  # no job-store read for a job certainly not in it
         self.stats = Stats()
         # One lock for the tracker and the seq counter; contended, emitters queue on it in order. It is
         # asyncio's own (the asyncio backend is pinned: see feed/unixsock.py): anyio's Lock looks the
@@ -74,12 +76,13 @@ class Pipeline:
             emitted = self.stats.emitted
             epoch, source = self.epoch, self.source
             encode, get = json_encoder.encode, tracker.get
+            now = time.time()  # one time for what arrived together (one formatted time too: see rfc3339)
             for obs in observations:
                 while len(queue) >= QUEUE:  # full: the providers slow down, nothing has moved yet
                     self._has_data.set()
                     room = self._has_room = anyio.Event()
                     await room.wait()
-                now = time.time()
+                    now = time.time()
                 if obs.job is not None and (obs.provider, obs.job) not in absent and get(obs.provider, obs.job) is None:
                     self._restore(obs.provider, obs.job)
                 for data in tracker.apply(obs, now):
@@ -91,7 +94,9 @@ class Pipeline:
                         job = get(data.provider, data.job)
                     if job is not None:
                         job.seq = seq
-                        append = Append(seq, now, body, job.key, encode(job), job.status in TERMINAL)
+                        key = job.key
+                        self._stored.add(key)
+                        append = Append(seq, now, body, key, encode(job), job.status in TERMINAL)
                     else:
                         append = Append(seq, now, body)
                     emitted[data.provider] += 1
@@ -106,10 +111,15 @@ class Pipeline:
             return set()
         tracker = self.tracker
         missing: dict[str, set[str]] = {}
+        stored = self._stored
+        absent: set[tuple[str, str]] = set()
         for obs in observations:
             if obs.job is not None and tracker.get(obs.provider, obs.job) is None:
-                missing.setdefault(obs.provider, set()).add(obs.job)
-        absent: set[tuple[str, str]] = set()
+                key = (obs.provider, obs.job)
+                if key in stored:
+                    missing.setdefault(obs.provider, set()).add(obs.job)
+                else:
+                    absent.add(key)
         for provider, jobs in missing.items():
             if len(jobs) < 2:
                 continue  # the per-observation look-up does it
@@ -121,6 +131,8 @@ class Pipeline:
     def _restore(self, provider: str, job: str) -> None:
         """A job the tracker no longer caches (finished long ago): its row decides duplicates.
         A single indexed read; only new or long-finished jobs get here."""
+        if (provider, job) not in self._stored:
+            return
         known, _ = self.journal.job(provider, job)
         if known is not None:
             self.tracker.restore([known])

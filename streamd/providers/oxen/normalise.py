@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from streamd.events import Kind, Observation, Origin, State, loads, scrub, scrub_text
+from streamd.events import Kind, Observation, Origin, State, loads, scrub, scrub_decoded, scrub_text
 
 PROVIDER = "oxen"
 COMPLETED_EVENT = "media_generation_completed"
@@ -149,7 +149,7 @@ def _from_sse(event: str, data: str) -> list[Observation]:
             model=_text(payload.get("model_name")) or _text(payload.get("model")),
             outputs=_outputs(payload.get("url")) or _outputs(payload.get("result_url")),
             error=_error(payload.get("error")) or _error(payload.get("error_message")),
-            raw=scrub(payload),
+            raw=scrub_decoded(payload, data),
         )
     ]
 
