@@ -47,7 +47,7 @@ class Subscriber:
         self.filter = flt
         self.cursor = cursor  # every matching event with seq <= cursor has been handed over
         self.limit = limit
-        self.buffer: deque[Item] = deque()
+        self.buffer: deque[bytes] = deque()  # event bodies, shared with every other subscriber
         self.lagging = True  # until the first catch-up check attaches it to the live stream
         self.closed = False
         self.overflows = 0
@@ -74,12 +74,22 @@ class Bus:
     def publish(self, items: list[Item]) -> None:
         if not items:
             return
-        self.head = items[-1].seq
+        first, last = items[0].seq, items[-1].seq
+        self.head = last
         self.published += len(items)
+        bodies: list[bytes] | None = None
         for sub in self.subscribers:
             if sub.lagging:
                 continue
             flt = sub.filter
+            if not flt and sub.cursor < first and len(sub.buffer) + len(items) <= sub.limit:
+                # The common case, a subscriber to everything with room for the whole batch: one extend.
+                if bodies is None:
+                    bodies = [item.body for item in items]
+                sub.buffer.extend(bodies)
+                sub.cursor = last
+                sub.wake()
+                continue
             for item in items:
                 if item.seq <= sub.cursor:
                     continue  # already read from the journal while catching up
@@ -90,7 +100,7 @@ class Bus:
                     sub.lagging = True
                     sub.overflows += 1
                     break
-                sub.buffer.append(item)
+                sub.buffer.append(item.body)
                 sub.cursor = item.seq
             sub.wake()
 
@@ -108,7 +118,7 @@ class Bus:
         """What to send `sub`, batch by batch, in seq order: event bodies, or a gap notice."""
         while not sub.closed:
             if sub.buffer:
-                batch = [item.body for item in sub.buffer]
+                batch = list(sub.buffer)
                 sub.buffer.clear()
                 yield batch
                 continue
