@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from streamd.bus import Item
 from streamd.events import envelope, json_encoder
 from streamd.journal import Append, Journal
 from streamd.lifecycle import Tracker
@@ -80,16 +79,16 @@ def main() -> None:
     jobs = [tracker.get(d.provider, d.job) for d in datas_out if d.job is not None]
     job_bodies = stage("encode job row (msgspec)", lambda: [json_encoder.encode(j) for j in jobs])
     appends = stage(
-        "Append + Item",
+        "Append (the journal row, published as it is)",
         lambda: [
-            (Append(i + 1, now, bodies[i], jobs[i].key, job_bodies[i], True), Item(i + 1, bodies[i], datas_out[i]))
+            Append(i + 1, now, bodies[i], jobs[i].key, job_bodies[i], True, datas_out[i])
             for i in range(n)
             if jobs[i] is not None
         ],
     )
     with tempfile.TemporaryDirectory(prefix="streamd-stages-") as tmp:
         journals = [Journal(Path(tmp) / f"j{r}.sqlite3") for r in range(args.repeat)]
-        rows = [a for a, _ in appends]
+        rows = appends
 
         def write() -> None:
             journal = journals.pop()

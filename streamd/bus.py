@@ -9,9 +9,9 @@ subscriber is at most `limit` references to event bytes shared by all subscriber
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import anyio
 
@@ -21,9 +21,20 @@ from streamd.filters import MATCH_ALL, Filter
 Fetch = Callable[[int, int], Awaitable[list[tuple[int, bytes]]]]
 
 
-class Item(NamedTuple):  # immutable, and cheap to build: one per published event
+class Published(Protocol):
+    """What the bus publishes: the pipeline hands over its journal rows (`journal.Append`) as they are."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def body(self) -> bytes: ...  # the CloudEvent line without its newline, as journaled
+    @property
+    def data(self) -> EventData | None: ...
+
+
+class Item(NamedTuple):  # a published event on its own (tests, benches)
     seq: int
-    body: bytes  # the CloudEvent line without its newline, as journaled
+    body: bytes
     data: EventData
 
 
@@ -71,7 +82,7 @@ class Bus:
         self.subscribers: set[Subscriber] = set()
         self.published = 0
 
-    def publish(self, items: list[Item]) -> None:
+    def publish(self, items: Sequence[Published]) -> None:
         if not items:
             return
         first, last = items[0].seq, items[-1].seq
@@ -93,7 +104,7 @@ class Bus:
             for item in items:
                 if item.seq <= sub.cursor:
                     continue  # already read from the journal while catching up
-                if flt and not flt(item.data):
+                if flt and (item.data is None or not flt(item.data)):
                     sub.cursor = item.seq
                     continue
                 if len(sub.buffer) >= sub.limit:
@@ -131,6 +142,10 @@ class Bus:
                     continue
                 rows = [] if sub.cursor >= self.head else await self._fetch(sub.cursor, 1000)
                 if not rows:
+                    if sub.cursor < self.head:
+                        # Published while the read was out (it passed this subscriber by, as lagging):
+                        # read again, or those events would never reach it.
+                        continue
                     sub.lagging = False  # caught up: from here on, publish() feeds the buffer
                     if not sub.announced:
                         sub.announced = True

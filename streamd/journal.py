@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import operator
 import secrets
 import sqlite3
 import threading
@@ -23,7 +25,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from streamd.events import Job, job_decoder
+from streamd.events import EventData, Job, job_decoder
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,7 +58,8 @@ class JournalError(Exception):
 
 
 class Append(NamedTuple):
-    """One event to write, with the job row it leaves behind (None for health events).
+    """One event to write, with the job row it leaves behind (None for health events). The pipeline
+    publishes the same object once it is written: `data` is for the bus's filters, not stored.
     (A named tuple: immutable, and built several times faster than a frozen dataclass.)"""
 
     seq: int
@@ -65,6 +68,7 @@ class Append(NamedTuple):
     job_key: tuple[str, str] | None = None
     job_body: bytes | None = None
     terminal: bool = False
+    data: EventData | None = None
 
 
 @dataclass(frozen=True)
@@ -130,14 +134,12 @@ class Journal:
         """Write a batch in one transaction; on failure nothing of it is written."""
         if not batch:
             return
-        jobs: dict[tuple[str, str], Append] = {}
-        for a in batch:
-            if a.job_key is not None and a.job_body is not None:
-                jobs[a.job_key] = a
+        # a job's last row in the batch is the one that counts
+        jobs = {a.job_key: a for a in batch if a.job_key is not None and a.job_body is not None}
         with self._wlock:
             try:
                 self._w.execute("BEGIN IMMEDIATE")
-                _insert_rows(self._w, _EVENTS, [(a.seq, a.time, a.body) for a in batch])
+                _insert_rows(self._w, _EVENTS, list(map(_EVENT_COLUMNS, batch)))
                 if jobs:
                     _insert_rows(
                         self._w, _JOBS, [(k[0], k[1], int(a.terminal), a.time, a.job_body) for k, a in jobs.items()]
@@ -331,6 +333,7 @@ _JOBS = (
     5,
 )
 _MOST_ROWS = 4096
+_EVENT_COLUMNS = operator.itemgetter(0, 1, 2)  # Append's seq, time, body
 
 
 @functools.lru_cache(maxsize=64)
@@ -353,8 +356,7 @@ def _insert_rows(conn: sqlite3.Connection, sql: tuple[str, str, str, int], rows:
     i, n = 0, len(rows)
     for size in _sizes(width, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)):
         while n - i >= size:
-            chunk = rows[i : i + size]
-            conn.execute(_statement(head, row, tail, size), [v for r in chunk for v in r])
+            conn.execute(_statement(head, row, tail, size), list(itertools.chain.from_iterable(rows[i : i + size])))
             i += size
 
 

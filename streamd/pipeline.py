@@ -9,6 +9,7 @@ publishes them to the bus: nobody ever sees an event the journal does not hold.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskStatus
 
-from streamd.bus import Bus, Item
+from streamd.bus import Bus
 from streamd.events import TERMINAL, Job, Kind, Observation, envelope, json_encoder
 from streamd.journal import Append, Journal, JournalError
 from streamd.keyfilter import KeyFilter
@@ -26,8 +27,11 @@ from streamd.transport.backoff import Reconnector
 
 log = logging.getLogger("streamd.pipeline")
 
+HEALTH = Kind.HEALTH
 QUEUE = 8192  # events waiting for the journal; when full, emitters wait (providers slow down)
-BATCH = 4096  # most events written in one transaction
+# Most events written in one transaction, and so published at once: well under a subscriber's buffer
+# (bus.Bus.limit, 4096), so a subscriber that keeps up is never pushed into catch-up by one big batch.
+BATCH = 1024
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Pipeline:
         # stream: appending never yields to the loop (a stream's send checkpoints on every item), and an
         # emitter waits for room *before* the tracker moves or a seq is taken, so a cancelled emitter
         # leaves no hole in the seqs. It holds at most QUEUE + 1 events (an observation makes at most two).
-        self._queue: deque[tuple[Append, Item]] = deque()
+        self._queue: deque[Append] = deque()
         self._has_data = anyio.Event()
         self._has_room = anyio.Event()
         self._db = anyio.CapacityLimiter(1)
@@ -90,17 +94,16 @@ class Pipeline:
                     self.next_seq += 1
                     body = encode(envelope(data, seq=seq, epoch=epoch, source=source, at=now))
                     job: Job | None = None
-                    if data.job is not None and data.kind is not Kind.HEALTH:
+                    if data.job is not None and data.kind is not HEALTH:
                         job = get(data.provider, data.job)
                     if job is not None:
                         job.seq = seq
                         key = job.key
                         self._stored.add(key)
-                        append = Append(seq, now, body, key, encode(job), job.status in TERMINAL)
+                        queue.append(Append(seq, now, body, key, encode(job), job.status in TERMINAL, data))
                     else:
-                        append = Append(seq, now, body)
+                        queue.append(Append(seq, now, body, None, None, False, data))
                     emitted[data.provider] += 1
-                    queue.append((append, Item(seq, body, data)))
             if queue:
                 self._has_data.set()
 
@@ -149,19 +152,23 @@ class Pipeline:
                 await self._write(self._take(BATCH))
         finally:
             with anyio.move_on_after(5, shield=True):
-                rest = self._take(len(self._queue))
-                if rest:
+                while rest := self._take(BATCH):
                     await self._write(rest, retry=False)
 
-    def _take(self, limit: int) -> list[tuple[Append, Item]]:
+    def _take(self, limit: int) -> list[Append]:
         queue = self._queue
-        n = min(limit, len(queue))
-        batch = [queue.popleft() for _ in range(n)]
+        if len(queue) <= limit:
+            batch = list(queue)
+            queue.clear()
+        else:
+            batch = list(itertools.islice(queue, limit))
+            for _ in range(limit):
+                queue.popleft()
         self._has_room.set()
         return batch
 
-    async def _write(self, batch: list[tuple[Append, Item]], *, retry: bool = True) -> None:
-        appends = [a for a, _ in batch]
+    async def _write(self, appends: list[Append], *, retry: bool = True) -> None:
+        batch = appends
         policy = Reconnector(initial=0.5, maximum=30.0, healthy_after=0.0)
         while True:
             try:
@@ -184,7 +191,7 @@ class Pipeline:
         self.written_seq = appends[-1].seq
         self._written.set()
         self._written = anyio.Event()
-        self.bus.publish([item for _, item in batch])
+        self.bus.publish(appends)
 
     async def sync(self) -> None:
         """Wait until everything emitted so far is journaled (read-your-writes for requests)."""

@@ -24,7 +24,10 @@ def done(job: str) -> Observation:
 
 
 def pipeline_on(journal: Journal) -> Pipeline:
-    bus = Bus(journal.last_seq, lambda seq, limit: journal.read_after(seq, limit), lambda: journal.oldest)
+    async def fetch(seq: int, limit: int) -> list[tuple[int, bytes]]:
+        return journal.read_after(seq, limit)
+
+    bus = Bus(journal.last_seq, fetch, lambda: journal.oldest)
     return Pipeline(journal, Tracker(keep_finished=100), bus, source="urn:test")
 
 

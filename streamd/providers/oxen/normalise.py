@@ -17,6 +17,7 @@ from streamd.events import Kind, Observation, Origin, State, loads, scrub, scrub
 
 PROVIDER = "oxen"
 COMPLETED_EVENT = "media_generation_completed"
+_STATE, _PUSH = Kind.STATE, Origin.PUSH  # per pushed event: globals, not enum look-ups
 SYNC_UPSTREAM = "images/generate"
 
 STATES: dict[str, State] = {
@@ -142,9 +143,9 @@ def _from_sse(event: str, data: str) -> list[Observation]:
         Observation(
             provider=PROVIDER,
             job=job,
-            kind=Kind.STATE,
+            kind=_STATE,
             upstream=COMPLETED_EVENT,
-            origin=Origin.PUSH,
+            origin=_PUSH,
             state=state,
             model=_text(payload.get("model_name")) or _text(payload.get("model")),
             outputs=_outputs(payload.get("url")) or _outputs(payload.get("result_url")),
