@@ -32,6 +32,7 @@ QUEUE = 8192  # events waiting for the journal; when full, emitters wait (provid
 # Most events written in one transaction, and so published at once: well under a subscriber's buffer
 # (bus.Bus.limit, 4096), so a subscriber that keeps up is never pushed into catch-up by one big batch.
 BATCH = 1024
+YIELD_EVERY = 0.001  # seconds: the longest an emitter goes without giving the loop a turn
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Pipeline:
         # backend and the current task up on every acquire and release, which cost more than the rest
         # of a one-event emit (a WebSocket provider emits each message on its own).
         self._lock = asyncio.Lock()
+        self._turn = 0.0  # when emit last gave the loop a turn
         # The bounded queue to the writer. A deque plus two wake-up events instead of a memory object
         # stream: appending never yields to the loop (a stream's send checkpoints on every item), and an
         # emitter waits for room *before* the tracker moves or a seq is taken, so a cancelled emitter
@@ -69,10 +71,15 @@ class Pipeline:
         self._written = anyio.Event()
 
     async def emit(self, *observations: Observation) -> None:
-        # One checkpoint per call, before anything moves: a cancellation point, and a turn for the
-        # other tasks, so an emitter in a tight loop never starves the loop (the old lock gave one too).
-        # On asyncio that is what anyio.lowlevel.checkpoint() does, without looking the backend up.
-        await asyncio.sleep(0)
+        # A turn for the other tasks (and a cancellation point) at least once a millisecond, before
+        # anything moves, so an emitter in a tight loop never starves the loop. Not on every call: a
+        # WebSocket provider emits each message on its own, and a full turn of the loop (an epoll_wait)
+        # per message cost more than the rest of its emit. On asyncio `sleep(0)` is what
+        # anyio.lowlevel.checkpoint() does, without looking the backend up.
+        now_mono = time.monotonic()
+        if now_mono - self._turn >= YIELD_EVERY:
+            self._turn = now_mono
+            await asyncio.sleep(0)
         async with self._lock:
             absent = self._restore_many(observations)
             queue = self._queue

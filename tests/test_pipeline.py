@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
 from streamd.bus import Bus
@@ -14,7 +16,7 @@ from streamd.events import Kind, Observation, Origin, State
 from streamd.journal import Journal
 from streamd.keyfilter import KeyFilter
 from streamd.lifecycle import Tracker
-from streamd.pipeline import Pipeline
+from streamd.pipeline import QUEUE, Pipeline
 
 
 def done(job: str) -> Observation:
@@ -80,3 +82,37 @@ def test_the_key_filter_has_no_false_negatives_and_few_false_positives() -> None
     assert all(k in f for k in keys[:10_000])
     false_positives = sum(k in f for k in keys[10_000:])
     assert false_positives < 20  # ~1 in 3,000 expected at this fill
+
+
+@pytest.mark.anyio
+async def test_an_emitter_in_a_tight_loop_still_lets_others_run_and_can_be_cancelled(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    pipeline = pipeline_on(journal)
+    seen_at: list[int] = []  # how many events had been emitted at each turn of the other task
+    emitted = 0
+
+    async def other(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            seen_at.append(emitted)
+            await anyio.lowlevel.checkpoint()
+
+    async def firehose() -> None:
+        nonlocal emitted
+        while True:  # no await but emit's own
+            await pipeline.emit(done(f"j{emitted}"))
+            emitted += 1
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(pipeline.writer)
+        await tg.start(other)  # turns counted from before the firehose starts
+        with anyio.move_on_after(1.0) as scope:  # cancellation reaches the emitter
+            await firehose()
+        assert scope.cancelled_caught
+        tg.cancel_scope.cancel()
+    assert emitted > 100
+    # The other task got turns all along, not only when the writer's queue (QUEUE events) was full: emit
+    # gives the loop a turn every millisecond, and no emit takes anywhere near QUEUE / 4 of a millisecond.
+    most_between_turns = max(b - a for a, b in itertools.pairwise(seen_at))
+    assert len(seen_at) > 10 and most_between_turns < QUEUE // 4
+    journal.close()

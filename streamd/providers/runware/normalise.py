@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamd.events import Kind, Observation, Origin, Progress, State, loads, scrub
+from streamd.events import Kind, Observation, Origin, Progress, State, is_clean, loads, scrub
 
 PROVIDER = "runware"
 
@@ -170,6 +170,9 @@ class Normaliser:
         # recognised, not read as new jobs; the oldest go once there are more than this many.
         self._finished: deque[str] = deque()
         self._keep_finished = keep_finished
+        # True while reading a frame whose text holds nothing scrub would change: its parts go out as raw
+        # without a walk of each (see events.is_clean).
+        self._clean = False
 
     # -- batch bookkeeping -----------------------------------------------------------------------
     def expect(
@@ -200,10 +203,14 @@ class Normaliser:
         """Read one frame (text, bytes, or decoded JSON). Never raises."""
         reading = Reading()
         try:
+            self._clean = isinstance(payload, str | bytes) and is_clean(payload)
             self._feed(payload, origin, reading)
         except Exception as exc:  # totality: a bug here must not kill the connection
+            self._clean = False
             raw = redact_text(_text(payload)) if isinstance(payload, str | bytes) else payload
             reading.observations.append(self._diagnostic(None, origin, f"normaliser error: {exc!r}", raw))
+        finally:
+            self._clean = False
         while len(self._finished) > self._keep_finished:
             self.batches.pop(self._finished.popleft(), None)
         return reading
@@ -436,7 +443,7 @@ class Normaliser:
             cost=batch.cost,
             progress=progress,
             message=message,
-            raw=scrub(raw),
+            raw=raw if self._clean else scrub(raw),
         )
 
     def _diagnostic(self, job: str | None, origin: Origin, message: str, raw: Any) -> Observation:
@@ -447,5 +454,5 @@ class Normaliser:
             upstream="diagnostic",
             origin=origin,
             message=message,
-            raw=scrub(raw),
+            raw=raw if self._clean else scrub(raw),
         )
