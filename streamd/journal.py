@@ -79,6 +79,10 @@ class Retention:
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+    # 16 KiB pages for a new journal (an existing one keeps its own): a busy journal writes a few
+    # large WAL frames instead of many small ones, which cut the writer's CPU by about a third
+    # (most of it is the kernel's, per write and per checkpoint copy). Must precede WAL mode.
+    conn.execute("PRAGMA page_size=16384")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes
     conn.execute("PRAGMA busy_timeout=30000")

@@ -24,13 +24,18 @@ class KeyFilter:
         for key in keys:
             self.add(key)
 
-    def add(self, key: tuple[str, str]) -> None:
+    def add(self, key: tuple[str, str]) -> bool:
+        """Remember `key`; returns whether it may have been there already (False: it certainly was not)."""
         # Two probes from one 64-bit hash (hash randomisation is fine: the filter lives in one process).
         h = hash(key)
         a, b = h & _MASK, (h >> 23) & _MASK
         bits = self._bits
-        bits[a >> 3] |= 1 << (a & 7)
-        bits[b >> 3] |= 1 << (b & 7)
+        ma, mb = 1 << (a & 7), 1 << (b & 7)
+        ia, ib = a >> 3, b >> 3
+        seen = bool(bits[ia] & ma) and bool(bits[ib] & mb)
+        bits[ia] |= ma
+        bits[ib] |= mb
+        return seen
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         h = hash(key)

@@ -28,6 +28,7 @@ from streamd.transport.backoff import Reconnector
 log = logging.getLogger("streamd.pipeline")
 
 HEALTH = Kind.HEALTH
+new_tuple = tuple.__new__
 QUEUE = 8192  # events waiting for the journal; when full, emitters wait (providers slow down)
 # Most events written in one transaction, and so published at once: well under a subscriber's buffer
 # (bus.Bus.limit, 4096), so a subscriber that keeps up is never pushed into catch-up by one big batch.
@@ -103,13 +104,15 @@ class Pipeline:
                     job: Job | None = None
                     if data.job is not None and data.kind is not HEALTH:
                         job = get(data.provider, data.job)
+                    row: tuple[object, ...]
                     if job is not None:
                         job.seq = seq
                         key = job.key
-                        self._stored.add(key)
-                        queue.append(Append(seq, now, body, key, encode(job), job.status in TERMINAL, data))
+                        # (tuple.__new__ directly: a named tuple's own __new__ is a Python-level call)
+                        row = (seq, now, body, key, encode(job), job.status in TERMINAL, data)
                     else:
-                        queue.append(Append(seq, now, body, None, None, False, data))
+                        row = (seq, now, body, None, None, False, data)
+                    queue.append(new_tuple(Append, row))
                     emitted[data.provider] += 1
             if queue:
                 self._has_data.set()
@@ -126,7 +129,7 @@ class Pipeline:
         for obs in observations:
             if obs.job is not None and tracker.get(obs.provider, obs.job) is None:
                 key = (obs.provider, obs.job)
-                if key in stored:
+                if stored.add(key):  # (whatever it is, it will be stored: the filter learns it now)
                     missing.setdefault(obs.provider, set()).add(obs.job)
                 else:
                     absent.add(key)
@@ -141,7 +144,7 @@ class Pipeline:
     def _restore(self, provider: str, job: str) -> None:
         """A job the tracker no longer caches (finished long ago): its row decides duplicates.
         A single indexed read; only new or long-finished jobs get here."""
-        if (provider, job) not in self._stored:
+        if not self._stored.add((provider, job)):
             return
         known, _ = self.journal.job(provider, job)
         if known is not None:

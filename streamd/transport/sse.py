@@ -38,6 +38,9 @@ class SSEEvent(NamedTuple):  # immutable, and built several times faster than a 
     retry: int | None = None
 
 
+_new = tuple.__new__
+
+
 class SSEStreamError(Exception):
     """The event stream could not be opened or read as one."""
 
@@ -139,7 +142,8 @@ class SSEParser:
         for line in lines:
             if not line:
                 if f._data:  # dispatch, then reset the block (the last event id persists)
-                    out.append(SSEEvent(f._event or "message", "\n".join(f._data), f._last_event_id, f._retry))
+                    # tuple.__new__ directly: a named tuple's own __new__ is a Python-level call
+                    out.append(_new(SSEEvent, (f._event or "message", "\n".join(f._data), f._last_event_id, f._retry)))
                     f._data = []
                 f._event = ""
                 f._retry = None

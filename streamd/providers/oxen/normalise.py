@@ -122,7 +122,7 @@ def _from_sse(event: str, data: str) -> list[Observation]:
                 raw=scrub(payload if payload is not None else data),
             )
         ]
-    if not isinstance(payload, Mapping):
+    if type(payload) is not dict and not isinstance(payload, Mapping):  # (the ABC check is slow)
         return [diagnostic(f"{COMPLETED_EVENT} data is not a JSON object: {data}", raw=data, origin=Origin.PUSH)]
     job = _text(payload.get("generation_id"))
     if job is None:
