@@ -79,10 +79,6 @@ class Retention:
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
-    # 16 KiB pages for a new journal (an existing one keeps its own): a busy journal writes a few
-    # large WAL frames instead of many small ones, which cut the writer's CPU by about a third
-    # (most of it is the kernel's, per write and per checkpoint copy). Must precede WAL mode.
-    conn.execute("PRAGMA page_size=16384")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes
     conn.execute("PRAGMA busy_timeout=30000")
@@ -148,7 +144,6 @@ class Journal:
                     _insert_rows(
                         self._w, _JOBS, [(k[0], k[1], int(a.terminal), a.time, a.job_body) for k, a in jobs.items()]
                     )
-                self._w.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(batch[-1].seq),))
                 if self._unsaved:
                     self._w.executemany(_REMEMBER, [(p, j, time.time(), b"", f) for (p, j), f in self._unsaved.items()])
                 self._w.execute("COMMIT")
@@ -184,9 +179,16 @@ class Journal:
                 "SELECT seq FROM events WHERE time >= ? ORDER BY seq LIMIT 1", (cutoff_time,)
             ).fetchone()
             young = row[0] if row is not None else self.last_seq + 1
+            # The newest seq is MAX(seq) of the events kept; only a trim can leave none, so it saves the
+            # newest seq beside its delete (each append saving it cost a page write per commit).
+            self._w.execute("BEGIN IMMEDIATE")
+            self._w.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(self.last_seq),))
             cur = self._w.execute("DELETE FROM events WHERE seq <= ?", (max(cutoff_seq, young - 1),))
+            self._w.execute("COMMIT")
             row = self._w.execute("SELECT MIN(seq) FROM events").fetchone()
         except sqlite3.Error as exc:
+            if self._w.in_transaction:
+                self._w.execute("ROLLBACK")
             raise JournalError(f"journal {self.path}: retention failed: {exc}") from None
         self.oldest = row[0] if row[0] is not None else self.last_seq + 1
         return cur.rowcount
