@@ -193,6 +193,7 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self.pipeline.writer)
+            await tg.start(self.pipeline.checkpointer)
             await tg.start(self.feed.serve)
             await self._start_providers(tg)
             for sidecar in self.sidecars:

@@ -77,6 +77,11 @@ class Retention:
     max_age: float = 30 * 86400.0
 
 
+WAL_KEEP = 64 << 20  # bytes of WAL file kept after it starts over (more is truncated)
+WAL_BACKSTOP = 64 << 20  # event bytes appended with no checkpoint before the writer checkpoints itself
+CHECKPOINT_EVERY = 0.5  # seconds between the pipeline's checkpoints (Pipeline.checkpointer)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -96,13 +101,21 @@ class Journal:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._w = _connect(path)
             self._w.executescript(SCHEMA)
+            # The writer never checkpoints inside a commit (that made the events behind it wait: the
+            # p99 latency); `checkpoint()` does it on a connection of its own, beside the writer.
+            self._w.execute("PRAGMA wal_autocheckpoint=0")
+            self._w.execute(f"PRAGMA journal_size_limit={WAL_KEEP}")
             self._r = _connect(path)
+            self._c = _connect(path)
         except sqlite3.Error as exc:
             raise JournalError(f"journal {path}: cannot open: {exc}") from None
         except OSError as exc:
             raise JournalError(f"journal {path}: cannot create its folder: {exc.strerror}") from None
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
+        self._clock = threading.Lock()
+        self._unchecked = 0  # bytes of events appended since the last checkpoint (about the WAL's growth)
+        self.wal_backstop = WAL_BACKSTOP
         self.epoch = self._meta("epoch") or self._new_epoch()
         row = self._w.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
         self.last_seq: int = row[1] or int(self._meta("last_seq") or 0)
@@ -148,6 +161,7 @@ class Journal:
                     self._w.executemany(_REMEMBER, [(p, j, time.time(), b"", f) for (p, j), f in self._unsaved.items()])
                 self._w.execute("COMMIT")
                 self._unsaved.clear()
+                self._unchecked += sum(len(a.body) for a in batch)
             except sqlite3.Error as exc:
                 if self._w.in_transaction:
                     self._w.execute("ROLLBACK")
@@ -156,6 +170,11 @@ class Journal:
             if self.oldest > batch[0].seq:
                 self.oldest = batch[0].seq
             self._appends_since_trim += len(batch)
+            if self._unchecked > self.wal_backstop:
+                # Nobody is checkpointing (a journal used on its own), or not fast enough: do it here,
+                # so the WAL stays bounded whatever runs the journal.
+                with contextlib.suppress(JournalError):
+                    self.checkpoint()
             if self._appends_since_trim >= 10_000:
                 # The batch is committed: a failed trim (a DELETE needs WAL room a full disk may lack)
                 # must not report it as failed, or it is retried and collides on its seqs for ever.
@@ -192,6 +211,18 @@ class Journal:
             raise JournalError(f"journal {self.path}: retention failed: {exc}") from None
         self.oldest = row[0] if row[0] is not None else self.last_seq + 1
         return cur.rowcount
+
+    def checkpoint(self) -> int:
+        """Copy the WAL's committed pages into the database file (PASSIVE: never waits for, nor holds up,
+        the writer or readers); returns the WAL frames it still holds. Once every frame is copied, the
+        next commit starts the WAL from its beginning again."""
+        with self._clock:
+            try:
+                _, frames, done = self._c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal {self.path}: checkpoint failed: {exc}") from None
+            self._unchecked = 0
+        return max(0, int(frames) - int(done))
 
     def remember(self, provider: str, job: str, follow: bytes) -> None:
         """Store what is needed to keep following a job (credentials included: never served).
@@ -316,8 +347,8 @@ class Journal:
         return int(total), int(live)
 
     def close(self) -> None:
-        with self._wlock, self._rlock:
-            for conn in (self._r, self._w):
+        with self._wlock, self._rlock, self._clock:
+            for conn in (self._r, self._c, self._w):
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
 

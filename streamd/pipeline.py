@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 
 from streamd.bus import Bus
 from streamd.events import TERMINAL, Job, Kind, Observation, envelope, json_encoder
-from streamd.journal import Append, Journal, JournalError
+from streamd.journal import CHECKPOINT_EVERY, Append, Journal, JournalError
 from streamd.keyfilter import KeyFilter
 from streamd.lifecycle import Tracker
 from streamd.transport.backoff import Reconnector
@@ -164,6 +164,22 @@ class Pipeline:
             with anyio.move_on_after(5, shield=True):
                 while rest := self._take(BATCH):
                     await self._write(rest, retry=False)
+
+    async def checkpointer(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Checkpoint the journal's WAL in a thread of its own, beside the writer, twice a second and
+        only after writes: a checkpoint inside a commit held up every event behind it."""
+        task_status.started()
+        checked = self.written_seq
+        limiter = anyio.CapacityLimiter(1)
+        while True:
+            await anyio.sleep(CHECKPOINT_EVERY)
+            if self.written_seq == checked:
+                continue
+            checked = self.written_seq
+            try:
+                await anyio.to_thread.run_sync(self.journal.checkpoint, limiter=limiter)
+            except JournalError as exc:
+                log.warning("%s", exc)  # the next one tries again; the writer has its own backstop
 
     def _take(self, limit: int) -> list[Append]:
         queue = self._queue

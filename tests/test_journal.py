@@ -95,3 +95,41 @@ def test_unopenable_journal_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(JournalError, match=r"cannot create its folder|cannot open"):
         Journal(tmp_path / "file" / "j.db")
+
+
+def _wal_bytes(path: Path) -> int:
+    wal = path.with_name(path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_the_wal_stays_bounded_with_or_without_a_checkpointer(tmp_path: Path) -> None:
+    """The writer never checkpoints inside a commit; `checkpoint()` (the pipeline's task) lets the WAL
+    start over, and with nobody calling it the writer's own backstop does."""
+    body = b"x" * 1000
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    seq = 0
+
+    def write(megabytes: int) -> None:
+        nonlocal seq
+        for _ in range(megabytes):
+            j.append([Append(seq + i + 1, 1000.0, body) for i in range(1000)])
+            seq += 1000
+
+    j.wal_backstop = 1 << 60  # no backstop: only checkpoint() bounds the WAL
+    write(8)
+    grown = _wal_bytes(path)
+    assert grown > 8_000_000  # nothing checkpointed inside the commits
+    assert j.checkpoint() == 0  # everything copied
+    write(2)
+    assert _wal_bytes(path) <= grown  # it started over instead of growing
+
+    j.close()
+    other = tmp_path / "k.db"  # a fresh WAL, with the backstop on: it checkpoints every MiB or so
+    j = Journal(other)
+    j.wal_backstop = 1 << 20
+    first = seq + 1
+    write(8)
+    assert _wal_bytes(other) < 4_000_000
+    assert j.read_after(first - 1, 1)[0][0] == first and j.last_seq == seq  # nothing lost on the way
+    j.close()

@@ -17,6 +17,7 @@ from streamd.journal import Journal
 from streamd.keyfilter import KeyFilter
 from streamd.lifecycle import Tracker
 from streamd.pipeline import QUEUE, Pipeline
+from tests.support import ScriptedProvider, running_daemon
 
 
 def done(job: str) -> Observation:
@@ -116,3 +117,28 @@ async def test_an_emitter_in_a_tight_loop_still_lets_others_run_and_can_be_cance
     most_between_turns = max(b - a for a, b in itertools.pairwise(seen_at))
     assert len(seen_at) > 10 and most_between_turns < QUEUE // 4
     journal.close()
+
+
+def test_adding_to_the_key_filter_says_whether_the_key_may_have_been_there() -> None:
+    f = KeyFilter()
+    assert not f.add(("oxen", "a"))  # certainly new
+    assert f.add(("oxen", "a")) and ("oxen", "a") in f
+
+
+@pytest.mark.anyio
+async def test_the_daemon_checkpoints_the_journal_after_writes(short_tmp: Path) -> None:
+    provider = ScriptedProvider()
+    async with running_daemon(short_tmp, {"oxen": provider}) as d:
+        calls = 0
+        checkpoint = d.journal.checkpoint
+
+        def counting() -> int:
+            nonlocal calls
+            calls += 1
+            return checkpoint()
+
+        d.journal.checkpoint = counting  # type: ignore[method-assign]
+        await provider.push("j1", State.QUEUED)
+        with anyio.fail_after(20):
+            while calls == 0:  # noqa: ASYNC110  (nothing to wait on but the journal being checkpointed)
+                await anyio.sleep(0.05)
