@@ -20,6 +20,7 @@ from typing import Any
 from streamd.events import envelope, json_encoder
 from streamd.journal import Append, Journal
 from streamd.lifecycle import Tracker
+from streamd.pipeline import BATCH
 from streamd.providers.oxen import normalise
 from streamd.transport.sse import SSEParser
 
@@ -92,15 +93,16 @@ def main() -> None:
 
         def write() -> None:
             journal = journals.pop()
-            for k in range(0, len(rows), 4096):
-                journal.append(rows[k : k + 4096])
+            for k in range(0, len(rows), BATCH):
+                journal.append(rows[k : k + BATCH])
+            journal.checkpoint()  # the daemon's checkpointer does this beside the writer
             journal.close()
 
-        stage("journal append, 4096-event batches (worker thread)", write)
+        stage(f"journal append, {BATCH}-event batches + checkpoint (threads)", write)
     width = max(len(name) for name, _ in results)
     for name, us in results:
         print(f"{name:<{width}}  {us:6.2f} µs/event")
-    loop = sum(us for name, us in results if "worker" not in name)
+    loop = sum(us for name, us in results if "(threads)" not in name)
     print(f"{'loop-thread stages, total':<{width}}  {loop:6.2f} µs/event")
 
 

@@ -172,9 +172,9 @@ class Pipeline:
         checked = self.written_seq
         limiter = anyio.CapacityLimiter(1)
         while True:
+            while self.written_seq == checked:  # idle: no wake-ups until something is written
+                await self._written.wait()
             await anyio.sleep(CHECKPOINT_EVERY)
-            if self.written_seq == checked:
-                continue
             checked = self.written_seq
             try:
                 await anyio.to_thread.run_sync(self.journal.checkpoint, limiter=limiter)
