@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosedOK
 
 from streamd.config import ProviderSettings, Secret
 from streamd.emulators.runware import RunwareEmulator
-from streamd.events import EventData, Health, Kind, Origin, State
+from streamd.events import EventData, Health, Job, Kind, Origin, State
 from streamd.providers.base import ProviderError, SubmitRequest
 from streamd.providers.runware.provider import RunwareProvider
 from tests.support import RecordingContext
@@ -353,3 +353,42 @@ async def test_a_restarted_daemon_resumes_the_remembered_session() -> None:
                 assert done.origin is Origin.PUSH
                 assert emu.resumed == 1 and emu.unknown_resumes == 0
             tg.cancel_scope.cancel()
+
+
+async def test_a_task_polled_just_before_the_socket_came_up_is_not_asked_again_at_once() -> None:
+    """After a restart the first sweep goes over REST while the socket is still down; the socket's
+    after-connect repair then waits for the advised interval instead of asking again within ms."""
+    emu = RunwareEmulator(speed=20, seed=11)
+    emu.faults.paused = True  # the task stays processing: only polls can be seen
+    emu.faults.drop_after = 0  # the socket cannot come up yet
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            await tg.start(emu.serve)
+            task = str(uuid.uuid4())
+            body = [
+                {"taskType": "authentication", "apiKey": emu.key},
+                {
+                    "taskType": "imageInference",
+                    "taskUUID": task,
+                    "model": MODEL,
+                    "positivePrompt": "[ok] a lighthouse",
+                    "numberResults": 1,
+                    "deliveryMethod": "async",
+                },
+            ]
+            async with httpx.AsyncClient() as http:
+                assert (await http.post(emu.settings().base_url, json=body)).status_code == 200
+            ctx = RecordingContext("runware")
+            ctx.tracker.restore([Job(provider="runware", job=task, status=State.RUNNING)])
+            ctx.follows[task] = {"via": "rest", "numberResults": "1"}
+            settings = replace(settings_for(emu), poll_interval=30.0)
+            provider = RunwareProvider(settings)
+            tg.start_soon(provider.run, ctx)
+            await until(lambda: emu.get_responses == 1)  # the restore's sweep, over REST
+            emu.faults.drop_after = None
+            await until(lambda: any(h[0] is Health.CONNECTED for h in ctx.healths))
+            await anyio.sleep(0.5)
+            assert emu.get_responses == 1
+            tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await provider.aclose()

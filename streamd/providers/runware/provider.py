@@ -66,6 +66,7 @@ class _Task:
     session: str | None  # the socket session it was sent on; None: sent over REST, or tracked
     polled: bool  # no push will come (REST, tracked, or its session's buffer was lost)
     poll_at: float  # monotonic time of its next getResponse
+    polled_at: float | None = None  # monotonic time its last getResponse went out
 
 
 @dataclass
@@ -364,7 +365,11 @@ class RunwareProvider(Provider):
                 task.poll_at = min(task.poll_at, now + self.resume_grace)
             else:  # polled anyway, or its session's buffer is gone: only polling can tell
                 task.polled = True
-                task.poll_at = now
+                # at once, unless a poll went out less than the advised interval ago (the first
+                # sweep after a restart runs over REST before the socket is up): then when it is due
+                last = task.polled_at
+                recent = last is not None and now - last < self.poll_interval
+                task.poll_at = last + self.poll_interval if last is not None and recent else now
         self._poll_pause_until = 0.0  # a REST back-off says nothing about the socket
         self._wake()
 
@@ -401,6 +406,7 @@ class RunwareProvider(Provider):
         now = time.monotonic()
         for task in due:
             task.poll_at = now + (self.poll_interval if task.polled else self.repair_after)
+            task.polled_at = now
         frames = get_response_tasks(t.id for t in due)
         ws = self._ws
         if ws is not None:
