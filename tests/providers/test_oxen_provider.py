@@ -332,3 +332,28 @@ async def test_emulator_sse_keepalives_no_buffering_and_nothing_for_cancelled() 
     # one completion: none for the cancelled job, none replayed for the one that finished before
     assert len(completions) == 1
     assert emu.truth[dropped].state == "cancelled" and emu.truth[before].state == "completed"
+
+
+@pytest.mark.anyio
+async def test_a_reconnect_right_after_a_poll_repolls_when_the_interval_allows_not_at_once() -> None:
+    """The repair after a reconnect needs a poll that went out after the stream came up; a job polled
+    less than the advised interval before is asked then (soon), not twice within a second."""
+    async with oxen(paused=True, poll=2.0) as (emu, provider, ctx):
+        await connected(ctx)
+        (job,) = await provider.submit(ctx, SubmitRequest(model=MODEL, prompt="polled twice? [ok]"))
+        path = f"/api/ai/queue/{job}"
+        with anyio.fail_after(20):
+            while not emu.requests("GET", path):  # noqa: ASYNC110  (the emulator's log has no event)
+                await anyio.sleep(0.02)
+        first = emu.requests("GET", path)[0][0]
+        reconnects = len([h for h in ctx.healths if h[0] is Health.CONNECTED])
+        emu.faults.drop_after = 0  # cut the stream at its next event (a keep-alive), and let it back
+        with anyio.fail_after(20):
+            while len([h for h in ctx.healths if h[0] is Health.CONNECTED]) == reconnects:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        emu.faults.drop_after = None
+        with anyio.fail_after(20):
+            while len(emu.requests("GET", path)) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        second = emu.requests("GET", path)[1][0]
+        assert second - first >= 2.0 - 0.05  # (the emulator's clock; a little slack for its rounding)

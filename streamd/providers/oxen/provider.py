@@ -181,9 +181,18 @@ class OxenProvider(Provider):
                 self._schedule[job_id] = _Due(due=now, interval=self.base_interval, last=None)
         everything, self._sweep_all = self._sweep_all, False
         # After a (re)connect every job needs a poll that went out after it came up: one already
-        # polled since then (the first sweep at start-up races the connection) is not asked twice.
-        since = self._connected_at
-        due = [job_id for job_id, d in self._schedule.items() if d.due <= now or (everything and d.polled < since)]
+        # polled since then (the first sweep at start-up races the connection) is not asked twice, nor
+        # one polled less than the advised interval before (it is asked when it is due, seconds later).
+        since, least = self._connected_at, self.base_interval
+        due = []
+        for job_id, d in self._schedule.items():
+            if d.due <= now:
+                due.append(job_id)
+            elif everything and d.polled < since:
+                if now - d.polled >= least:
+                    due.append(job_id)
+                else:
+                    d.due = min(d.due, d.polled + least)  # the repair poll, as soon as the advice allows
         list_due = everything or (self._sse_up and now - self._last_list >= self.list_interval)
         if not due and not list_due:
             return
