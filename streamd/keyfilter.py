@@ -26,19 +26,22 @@ class KeyFilter:
 
     def add(self, key: tuple[str, str]) -> bool:
         """Remember `key`; returns whether it may have been there already (False: it certainly was not)."""
-        # Two probes from one 64-bit hash (hash randomisation is fine: the filter lives in one process).
-        h = hash(key)
-        a, b = h & _MASK, (h >> 23) & _MASK
+        ia, ma, ib, mb = _probes(key)
         bits = self._bits
-        ma, mb = 1 << (a & 7), 1 << (b & 7)
-        ia, ib = a >> 3, b >> 3
         seen = bool(bits[ia] & ma) and bool(bits[ib] & mb)
         bits[ia] |= ma
         bits[ib] |= mb
         return seen
 
     def __contains__(self, key: tuple[str, str]) -> bool:
-        h = hash(key)
-        a, b = h & _MASK, (h >> 23) & _MASK
+        ia, ma, ib, mb = _probes(key)
         bits = self._bits
-        return bool(bits[a >> 3] & (1 << (a & 7))) and bool(bits[b >> 3] & (1 << (b & 7)))
+        return bool(bits[ia] & ma) and bool(bits[ib] & mb)
+
+
+def _probes(key: tuple[str, str]) -> tuple[int, int, int, int]:
+    """The two bits of `key`, as (byte, mask) twice, from one 64-bit hash (hash randomisation is fine:
+    the filter lives in one process)."""
+    h = hash(key)
+    a, b = h & _MASK, (h >> 23) & _MASK
+    return a >> 3, 1 << (a & 7), b >> 3, 1 << (b & 7)

@@ -11,19 +11,24 @@ import enum
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from streamd.events import TERMINAL, EventData, Job, Kind, Observation, Origin, Progress, State
+from streamd.events import (
+    K_ARCHIVED,
+    K_DIAGNOSTIC,
+    K_PROGRESS,
+    K_STALLED,
+    K_STATE,
+    TERMINAL,
+    EventData,
+    Job,
+    Kind,
+    Observation,
+    Origin,
+    Progress,
+    State,
+)
 
 Q, A, PRE, RUN, POST = State.QUEUED, State.ACCEPTED, State.PREPROCESSING, State.RUNNING, State.POSTPROCESSING
 DONE, FAIL, CANC = State.COMPLETED, State.FAILED, State.CANCELLED
-# Module constants for the members the tracker checks per event: `Kind.STATE` costs a class-attribute
-# look-up through the enum machinery each time (~50 ns on 3.11), a global costs next to nothing.
-K_STATE, K_PROGRESS, K_ARCHIVED, K_STALLED, K_DIAGNOSTIC = (
-    Kind.STATE,
-    Kind.PROGRESS,
-    Kind.ARCHIVED,
-    Kind.STALLED,
-    Kind.DIAGNOSTIC,
-)
 
 #: Allowed moves, spelled out. A job may skip states, never goes backwards; terminal is final.
 #: `None` is "not seen yet": a job may first be seen in any state (tracked late, or polled).

@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from streamd.bus import Bus
-from streamd.events import TERMINAL, Job, Kind, Observation, envelope, json_encoder
+from streamd.events import K_HEALTH, TERMINAL, Job, Observation, envelope, json_encoder
 from streamd.journal import CHECKPOINT_EVERY, Append, Journal, JournalError
 from streamd.keyfilter import KeyFilter
 from streamd.lifecycle import Tracker
@@ -27,7 +27,6 @@ from streamd.transport.backoff import Reconnector
 
 log = logging.getLogger("streamd.pipeline")
 
-HEALTH = Kind.HEALTH
 new_tuple = tuple.__new__
 QUEUE = 8192  # events waiting for the journal; when full, emitters wait (providers slow down)
 # Most events written in one transaction, and so published at once: well under a subscriber's buffer
@@ -102,14 +101,13 @@ class Pipeline:
                     self.next_seq += 1
                     body = encode(envelope(data, seq=seq, epoch=epoch, source=source, at=now))
                     job: Job | None = None
-                    if data.job is not None and data.kind is not HEALTH:
+                    if data.job is not None and data.kind is not K_HEALTH:
                         job = get(data.provider, data.job)
                     row: tuple[object, ...]
                     if job is not None:
                         job.seq = seq
-                        key = job.key
                         # (tuple.__new__ directly: a named tuple's own __new__ is a Python-level call)
-                        row = (seq, now, body, key, encode(job), job.status in TERMINAL, data)
+                        row = (seq, now, body, job.key, encode(job), job.status in TERMINAL, data)
                     else:
                         row = (seq, now, body, None, None, False, data)
                     queue.append(new_tuple(Append, row))
@@ -193,12 +191,11 @@ class Pipeline:
         self._has_room.set()
         return batch
 
-    async def _write(self, appends: list[Append], *, retry: bool = True) -> None:
-        batch = appends
+    async def _write(self, batch: list[Append], *, retry: bool = True) -> None:
         policy = Reconnector(initial=0.5, maximum=30.0, healthy_after=0.0)
         while True:
             try:
-                await anyio.to_thread.run_sync(self.journal.append, appends, limiter=self._db)
+                await anyio.to_thread.run_sync(self.journal.append, batch, limiter=self._db)
                 break
             except JournalError as exc:
                 # Nothing is published until it is written: hold the batch (emitters wait on the
@@ -214,10 +211,10 @@ class Pipeline:
             self.stats.journal_error = None
         self.stats.written += len(batch)
         self.stats.batches += 1
-        self.written_seq = appends[-1].seq
+        self.written_seq = batch[-1].seq
         self._written.set()
         self._written = anyio.Event()
-        self.bus.publish(appends)
+        self.bus.publish(batch)
 
     async def sync(self) -> None:
         """Wait until everything emitted so far is journaled (read-your-writes for requests)."""

@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from streamd.events import Kind, Observation, Origin, State, loads, scrub, scrub_decoded, scrub_text
+from streamd.events import K_STATE, O_PUSH, Kind, Observation, Origin, State, loads, scrub, scrub_decoded, scrub_text
 
 PROVIDER = "oxen"
 COMPLETED_EVENT = "media_generation_completed"
-_STATE, _PUSH = Kind.STATE, Origin.PUSH  # per pushed event: globals, not enum look-ups
 SYNC_UPSTREAM = "images/generate"
 
 STATES: dict[str, State] = {
@@ -143,9 +142,9 @@ def _from_sse(event: str, data: str) -> list[Observation]:
         Observation(
             provider=PROVIDER,
             job=job,
-            kind=_STATE,
+            kind=K_STATE,
             upstream=COMPLETED_EVENT,
-            origin=_PUSH,
+            origin=O_PUSH,
             state=state,
             model=_text(payload.get("model_name")) or _text(payload.get("model")),
             outputs=_outputs(payload.get("url")) or _outputs(payload.get("result_url")),
