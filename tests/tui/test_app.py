@@ -326,3 +326,21 @@ async def test_a_tick_that_lands_during_shutdown_is_a_no_op() -> None:
         await wait_until(pilot, lambda: app.table.row_count == 2)
     assert not app.is_running
     app.tick()
+
+
+@pytest.mark.anyio
+async def test_track_and_submit_dialogs_close_on_escape_and_on_cancel_sending_nothing() -> None:
+    fake = seeded(2)
+    app = app_for(fake)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.table.row_count == 2 and live(app))
+        for key, screen in (("t", TrackScreen), ("n", SubmitScreen)):
+            await pilot.press(key)
+            assert isinstance(app.screen, screen)
+            await pilot.press("escape")
+            await wait_until(pilot, lambda s=screen: not isinstance(app.screen, s))
+            await pilot.press(key)
+            assert isinstance(app.screen, screen)
+            await pilot.click("#cancel")
+            await wait_until(pilot, lambda s=screen: not isinstance(app.screen, s))
+        assert not [r for r in fake.requests if r[0] in ("track", "submit")]

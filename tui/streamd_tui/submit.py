@@ -12,10 +12,10 @@ from typing import Any
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
+
+from streamd_tui.provider_form import ProviderForm
 
 DEFAULT_MODELS = {
     "oxen": "bytedance-seedream-4",
@@ -47,18 +47,11 @@ def parse_options(text: str) -> dict[str, Any]:
     return value
 
 
-class SubmitScreen(ModalScreen[SubmitRequest | None]):
-    BINDINGS = [Binding("escape", "dismiss_none", "close")]
-
-    def __init__(self, providers: list[str], provider: str | None = None) -> None:
-        super().__init__()
-        self.providers = providers
-        self.provider = provider if provider in providers else (providers[0] if providers else None)
-
+class SubmitScreen(ProviderForm[SubmitRequest]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
             yield Label("Submit a job", classes="title")
-            yield Select([(p, p) for p in self.providers], value=self.provider or Select.NULL, id="provider")
+            yield self.provider_select()
             yield Input(value=DEFAULT_MODELS.get(self.provider or "", ""), placeholder="model", id="model")
             yield Input(placeholder="prompt", id="prompt")
             yield Input(placeholder="image URLs, space-separated (optional)", id="images")
@@ -70,9 +63,6 @@ class SubmitScreen(ModalScreen[SubmitRequest | None]):
 
     def on_mount(self) -> None:
         self.query_one("#prompt", Input).focus()
-
-    def action_dismiss_none(self) -> None:
-        self.dismiss(None)
 
     @on(Select.Changed, "#provider")
     def _provider_changed(self, event: Select.Changed) -> None:
@@ -102,7 +92,3 @@ class SubmitScreen(ModalScreen[SubmitRequest | None]):
             self._error(str(exc))
             return
         self.dismiss(SubmitRequest(provider, model, prompt, images, options))
-
-    @on(Button.Pressed, "#cancel")
-    def _cancel(self) -> None:
-        self.dismiss(None)

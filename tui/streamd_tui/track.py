@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
+
+from streamd_tui.provider_form import ProviderForm
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,18 +18,11 @@ class TrackRequest:
     ref: str
 
 
-class TrackScreen(ModalScreen[TrackRequest | None]):
-    BINDINGS = [Binding("escape", "dismiss_none", "close")]
-
-    def __init__(self, providers: list[str], provider: str | None = None) -> None:
-        super().__init__()
-        self.providers = providers
-        self.provider = provider if provider in providers else (providers[0] if providers else None)
-
+class TrackScreen(ProviderForm[TrackRequest]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Track a job by id", classes="title")
-            yield Select([(p, p) for p in self.providers], value=self.provider or Select.NULL, id="provider")
+            yield self.provider_select()
             yield Input(placeholder="job id (Wiro: task id or socket token)", id="ref")
             yield Label("", id="track-error", classes="error")
             with Horizontal(classes="buttons"):
@@ -38,9 +31,6 @@ class TrackScreen(ModalScreen[TrackRequest | None]):
 
     def on_mount(self) -> None:
         self.query_one("#ref", Input).focus()
-
-    def action_dismiss_none(self) -> None:
-        self.dismiss(None)
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#ok")
@@ -51,7 +41,3 @@ class TrackScreen(ModalScreen[TrackRequest | None]):
             self.query_one("#track-error", Label).update("choose a provider and give a job id")
             return
         self.dismiss(TrackRequest(provider, ref))
-
-    @on(Button.Pressed, "#cancel")
-    def _cancel(self) -> None:
-        self.dismiss(None)
