@@ -133,3 +133,61 @@ def test_the_wal_stays_bounded_with_or_without_a_checkpointer(tmp_path: Path) ->
     assert _wal_bytes(other) < 4_000_000
     assert j.read_after(first - 1, 1)[0][0] == first and j.last_seq == seq  # nothing lost on the way
     j.close()
+
+
+def test_reads_run_across_chunks_from_any_seq(tmp_path: Path) -> None:
+    """A batch is one row: a read may start in the middle of one and end in the middle of another."""
+    j = Journal(tmp_path / "j.db")
+    for start, n in ((1, 3), (4, 1), (5, 6), (11, 2)):
+        j.append(batch(start, n))
+    everything = [(s, b'{"seq":%d}' % s) for s in range(1, 13)]
+    for after in range(0, 13):
+        for limit in (1, 2, 5, 100):
+            assert j.read_after(after, limit) == everything[after : after + limit], (after, limit)
+
+
+def test_a_batch_whose_seqs_do_not_follow_on_is_refused_whole(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    j.append(batch(1, 3))
+    for bad in (batch(5, 2) + batch(4, 1), batch(4, 1) + batch(6, 1), batch(3, 2)):
+        with pytest.raises(JournalError, match="do not follow 3"):
+            j.append(bad)
+    j.append(batch(4, 2))
+    assert [s for s, _ in j.read_after(0, 10)] == [1, 2, 3, 4, 5]
+
+
+def test_trim_through_the_middle_of_chunks_keeps_their_newer_events(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", Retention(max_events=5, max_age=1e9))
+    j.append(batch(1, 4, t=time.time()))
+    j.append(batch(5, 4, t=time.time()))
+    assert j.trim() == 3 and j.oldest == 4
+    assert j.read_after(0, 10) == [(s, b'{"seq":%d}' % s) for s in range(4, 9)]
+    j.close()
+    again = Journal(tmp_path / "j.db")
+    assert (again.oldest, again.last_seq) == (4, 8)
+    again.append(batch(9, 1))
+    assert [s for s, _ in again.read_after(3, 10)] == [4, 5, 6, 7, 8, 9]
+
+
+def test_a_journal_with_a_row_per_event_is_moved_into_chunks(tmp_path: Path) -> None:
+    """Journals written before chunks keep their events, seqs and epoch."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY, time REAL NOT NULL, body BLOB NOT NULL);"
+        "INSERT INTO meta VALUES ('epoch', 'oldepoch');"
+    )
+    seqs = [*range(7, 2507), *range(2600, 2610)]  # a hole (a trim long ago can not make one; be safe)
+    db.executemany("INSERT INTO events VALUES (?, ?, ?)", [(s, 1000.0 + s, b"e%d" % s) for s in seqs])
+    db.commit()
+    db.close()
+    j = Journal(path)
+    assert (j.epoch, j.oldest, j.last_seq) == ("oldepoch", 7, 2609)
+    assert j.read_after(0, 10_000) == [(s, b"e%d" % s) for s in seqs]
+    assert j.read_after(2505, 3) == [(2506, b"e2506"), (2600, b"e2600"), (2601, b"e2601")]
+    j.close()
+    tables = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "events" not in tables and "chunks" in tables
