@@ -164,12 +164,14 @@ class Tracker:
     def _put(self, job: Job, key: tuple[str, str] | None = None) -> None:
         key = key or job.key
         if job.status in TERMINAL:
-            self._live.pop(key, None)
-            self._stalled.discard(key)
-            self._finished[key] = job
-            self._finished.move_to_end(key)
-            while len(self._finished) > self._keep_finished:
-                self._finished.popitem(last=False)
+            finished = self._finished
+            if self._live.pop(key, None) is not None:
+                self._stalled.discard(key)
+            if key in finished:
+                finished.move_to_end(key)
+            finished[key] = job
+            while len(finished) > self._keep_finished:
+                finished.popitem(last=False)
         else:
             self._live[key] = job
 

@@ -56,6 +56,8 @@ def _text(value: Any) -> str | None:
 
 def _error(value: Any) -> str | None:
     """`error_message` / `error` may be a string or an object with a message."""
+    if value is None:  # the common case, before the (slow) ABC check
+        return None
     if isinstance(value, Mapping):
         for key in ("message", "detail", "title", "type"):
             if (text := _text(value.get(key))) is not None:

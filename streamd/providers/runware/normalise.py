@@ -67,17 +67,25 @@ class Batch:
     expected: int | None = None  # numberResults; None until known (a task tracked from elsewhere)
     model: str | None = None
     prompt: str | None = None
-    items: dict[str, Item] = field(default_factory=dict)
+    items: dict[str, Item] = field(default_factory=dict)  # (add them with `add`)
     done: bool = False  # a terminal observation has been produced
+    # What every observation of the task carries, kept up to date by `add` rather than recomputed
+    # over the items for each observation: the URLs in arrival order, the summed cost.
+    outputs: tuple[str, ...] = ()
+    cost: float | None = None
+    _costs: float = 0.0  # the costs summed in arrival order, unrounded (as `sum` would)
 
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return tuple(i.url for i in self.items.values() if i.url)
-
-    @property
-    def cost(self) -> float | None:
-        costs = [i.cost for i in self.items.values() if i.cost is not None]
-        return round(sum(costs), 10) if costs else None
+    def add(self, item: Item) -> bool:
+        """Count an item once: False if one with its key has arrived already."""
+        if item.key in self.items:
+            return False
+        self.items[item.key] = item
+        if item.url:
+            self.outputs = (*self.outputs, item.url)
+        if item.cost is not None:
+            self._costs += item.cost
+            self.cost = round(self._costs, 10)
+        return True
 
     @property
     def total(self) -> int:
@@ -192,7 +200,7 @@ class Normaliser:
         batch.model = model or batch.model
         batch.prompt = prompt or batch.prompt
         for item in items:
-            batch.items.setdefault(item.key, item)
+            batch.add(item)
         return batch
 
     def forget(self, task: str) -> None:
@@ -339,9 +347,8 @@ class Normaliser:
             if key is None:
                 digest = hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()
                 key = "sha256:" + digest[:32]
-            if key in batch.items:
+            if not batch.add(Item(key, _str(entry.get("imageURL")), _cost(entry.get("cost")))):
                 continue  # delivered twice (resume buffer and repair poll): counted once
-            batch.items[key] = Item(key, _str(entry.get("imageURL")), _cost(entry.get("cost")))
             reading.new_items.add(task)
             done = len(batch.items)
             if batch.done:
@@ -349,9 +356,10 @@ class Normaliser:
                     self._obs(batch, Kind.LOG, upstream, origin, entry, message="result item after the task ended")
                 )
                 continue
-            percent = round(100.0 * min(done, batch.total) / batch.total, 2)
-            progress = Progress(percent=percent, step=done, steps=batch.total)
-            if done >= batch.total:
+            total = batch.total
+            percent = round(100.0 * min(done, total) / total, 2)
+            progress = Progress(percent=percent, step=done, steps=total)
+            if done >= total:
                 self._end(batch, reading)
                 reading.observations.append(
                     self._obs(batch, Kind.STATE, upstream, origin, entry, state=State.COMPLETED, progress=progress)
