@@ -344,3 +344,27 @@ async def test_track_and_submit_dialogs_close_on_escape_and_on_cancel_sending_no
             await pilot.click("#cancel")
             await wait_until(pilot, lambda s=screen: not isinstance(app.screen, s))
         assert not [r for r in fake.requests if r[0] in ("track", "submit")]
+
+
+@pytest.mark.anyio
+async def test_keys_pressed_before_a_resize_is_handled_still_move_the_hold() -> None:
+    """Holding a row opens the detail pane, which shrinks the table; the table then puts the held row
+    back in sight after the next refresh. Keys pressed before that refresh must not be undone by it
+    (seen as a swallowed key press: the hold one row short of where the keys took it)."""
+    from textual import events
+    from textual.geometry import Size
+
+    fake = seeded(12)
+    app = app_for(fake)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.table.row_count == 12)
+        table = app.table
+        order = keys_in_view(app)
+        assert table.pin(order[0])
+        table.on_resize(events.Resize(Size(80, 10), Size(80, 12)))  # the pane opening, as Textual sends it
+        table.action_cursor_down()  # two key presses, before the refresh the resize waits for
+        table.action_cursor_down()
+        await pilot.pause()
+        await pilot.pause()
+        assert table.pinned == order[2]
+        assert table.key_at(table.cursor_row) == order[2]

@@ -8,6 +8,7 @@ rows keep their places and new ones join at the bottom, until Escape lets go and
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
@@ -116,7 +117,13 @@ class JobsTable(DataTable[Any]):
     def on_resize(self, event: events.Resize) -> None:
         """The detail pane opening shrinks the table: keep the held row in sight."""
         if self.pinned is not None:
-            self.call_after_refresh(self.move_cursor, row=self.cursor_row, animate=False)
+            # (the held row's place when the call runs: keys pressed meanwhile have moved the hold)
+            self.call_after_refresh(self._show_held)
+
+    def _show_held(self) -> None:
+        if self.pinned is not None:
+            with contextlib.suppress(RowDoesNotExist):
+                self.move_cursor(row=self.get_row_index(row_key(self.pinned)), animate=False)
 
     # -- applying changes ---------------------------------------------------------------------------
     def apply(self, changes: Changes) -> None:
