@@ -141,7 +141,7 @@ def test_reads_run_across_chunks_from_any_seq(tmp_path: Path) -> None:
     for start, n in ((1, 3), (4, 1), (5, 6), (11, 2)):
         j.append(batch(start, n))
     everything = [(s, b'{"seq":%d}' % s) for s in range(1, 13)]
-    for after in range(0, 13):
+    for after in range(13):
         for limit in (1, 2, 5, 100):
             assert j.read_after(after, limit) == everything[after : after + limit], (after, limit)
 

@@ -392,3 +392,53 @@ async def test_a_task_polled_just_before_the_socket_came_up_is_not_asked_again_a
             tg.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
                 await provider.aclose()
+
+
+class CountingContext(RecordingContext):
+    def __init__(self, provider: str) -> None:
+        super().__init__(provider)
+        self.emits = 0
+
+    async def emit(self, *observations: Any) -> None:
+        self.emits += 1
+        await super().emit(*observations)
+
+
+async def test_a_burst_of_frames_is_emitted_together_and_in_order() -> None:
+    """Frames that arrive together are absorbed together: one emit for the burst, not one a frame
+    (which cost more than reading them), and the jobs' events in the order of the frames."""
+    import json
+
+    from websockets.asyncio.server import ServerConnection, serve
+
+    tasks = [str(uuid.uuid4()) for _ in range(300)]
+
+    async def runware(conn: ServerConnection) -> None:
+        await conn.recv()  # the authentication task
+        await conn.send(json.dumps({"data": [{"taskType": "authentication", "connectionSessionUUID": "s-1"}]}))
+        for k, task in enumerate(tasks):
+            item = {"taskType": "imageInference", "taskUUID": task, "imageUUID": f"i-{k}", "cost": 0.01}
+            await conn.send(json.dumps({"data": [{**item, "imageURL": f"http://127.0.0.1:9/{k}.png"}]}))
+        await conn.wait_closed()
+
+    ctx = CountingContext("runware")
+    with anyio.fail_after(30):
+        async with serve(runware, "127.0.0.1", 0) as server, anyio.create_task_group() as tg:
+            port = server.sockets[0].getsockname()[1]
+            provider = RunwareProvider(
+                ProviderSettings(
+                    name="runware",
+                    key=Secret("k-123"),
+                    base_url="http://127.0.0.1:9/v1",  # never asked: no task needs a poll
+                    ws_url=f"ws://127.0.0.1:{port}/v1",
+                    options=FAST,
+                )
+            )
+            await tg.start(provider.run, ctx)
+            await ctx.wait_for(lambda: all(terminal(ctx, t)() for t in tasks))
+            tg.cancel_scope.cancel()
+        await provider.aclose()
+    completed = [e.job for e in ctx.events if e.kind is Kind.STATE and e.status is State.COMPLETED]
+    assert completed == tasks
+    assert [e.outputs for e in ctx.events if e.job == tasks[7]] == [("http://127.0.0.1:9/7.png",)]
+    assert ctx.emits < 30, ctx.emits  # one a frame would be 300, plus the health reports

@@ -96,9 +96,10 @@ class Batch:
         return json.dumps([[i.key, i.url, i.cost] for i in self.items.values()], separators=(",", ":"))
 
 
-@dataclass
+@dataclass(eq=False)
 class Reading:
-    """What one frame said: observations for the tracker, and facts for the I/O layer."""
+    """What one frame said: observations for the tracker, and facts for the I/O layer. (Compared by
+    identity: the provider takes a particular one back out of its queue.)"""
 
     observations: list[Observation] = field(default_factory=list)
     session: str | None = None  # connectionSessionUUID from an authentication reply

@@ -25,6 +25,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +56,10 @@ _ws_log.setLevel(logging.INFO)
 
 MAX_FRAME = 16 * 1024 * 1024
 MAX_POLL_BATCH = 50  # getResponse tasks per request
+# Frames read but not yet absorbed: past this many the reader absorbs them itself before reading on,
+# so a provider slower to take events than Runware is to send them holds the socket back (its buffers
+# and TCP's) instead of piling readings up here.
+MAX_PENDING = 1024
 
 
 @dataclass
@@ -116,6 +121,9 @@ class RunwareProvider(Provider):
         self._dead_reason: str | None = None
         self._last_rx = 0.0
         self._send_lock = anyio.Lock()
+        # Readings in the order the normaliser made them, not yet absorbed (see `_read`, `_flush`).
+        self._pending: deque[Reading] = deque()
+        self._absorb_lock = anyio.Lock()
         self._poke = anyio.Event()
         self._rest_delays = backoff(initial=max(self.poll_interval, 1.0), maximum=60.0)
         self._poll_pause_until = 0.0
@@ -171,12 +179,13 @@ class RunwareProvider(Provider):
         fresh = ref not in self._norm.batches
         self._norm.expect(ref, number_results=None)
         try:
-            reading = self._norm.feed(await self._rest.post(get_response_tasks([ref])), Origin.POLL)
+            reading = self._read(await self._rest.post(get_response_tasks([ref])), Origin.POLL)
         except BaseException:
             if fresh:
                 self._norm.forget(ref)
             raise
         if ref in reading.missing or ref not in reading.heard:
+            self._pending.remove(reading)  # not a job here: the answer makes no event
             if fresh:
                 self._norm.forget(ref)
             raise ProviderError("not_found", f"Runware has no task {ref} (unknown, expired, or another account's)")
@@ -185,7 +194,7 @@ class RunwareProvider(Provider):
         if not batch.done:
             self._tasks[ref] = _Task(ref, follow, None, True, time.monotonic() + self.poll_interval)
         await ctx.remember(ref, follow)
-        await self._absorb(ctx, reading)
+        await self._flush(ctx)
         self._wake()
         return ref
 
@@ -217,14 +226,16 @@ class RunwareProvider(Provider):
         """Submit over REST. After an unanswered socket submit, first ask whether it arrived."""
         task_id = str(task["taskUUID"])
         if check_first:
-            reading = self._norm.feed(await self._rest.post(get_response_tasks([task_id])), Origin.POLL)
+            reading = self._read(await self._rest.post(get_response_tasks([task_id])), Origin.POLL)
             if task_id in reading.heard:
-                await self._absorb(ctx, reading)
+                await self._flush(ctx)
                 return
-        reading = self._norm.feed(await self._rest.post([task]), Origin.REQUEST)
+            self._pending.remove(reading)  # it never arrived: submit it (and say nothing of the question)
+        reading = self._read(await self._rest.post([task]), Origin.REQUEST)
         if task_id in reading.rejected and task_id not in reading.acked:
+            self._pending.remove(reading)  # refused: nothing of it becomes an event (submit raises)
             raise ProviderError("bad_request", f"Runware refused the task: {reading.rejected[task_id]}")
-        await self._absorb(ctx, reading)
+        await self._flush(ctx)
 
     # -- the socket ----------------------------------------------------------------------------
     async def _socket_loop(self, ctx: Context) -> None:
@@ -307,10 +318,11 @@ class RunwareProvider(Provider):
                 while True:
                     message = await ws.recv()
                     self._last_rx = time.monotonic()
-                    reading = self._norm.feed(message, Origin.PUSH)
+                    reading = self._read(message, Origin.PUSH)
                     if reading.auth_error is not None:
+                        self._pending.remove(reading)
                         raise _AuthFailed(f"Runware rejected the API key ({reading.auth_error})")
-                    await self._absorb(ctx, reading)
+                    await self._flush(ctx)
                     if reading.session is not None:
                         return reading.session
         except ConnectionClosed:
@@ -318,16 +330,39 @@ class RunwareProvider(Provider):
         raise _Ended(f"no authentication reply within {self.connect_timeout:g}s")
 
     async def _reader(self, ctx: Context, ws: ClientConnection) -> None:
-        try:
-            async for message in ws:
-                self._last_rx = time.monotonic()
-                reading = self._norm.feed(message, Origin.PUSH)
-                await self._absorb(ctx, reading)
-                if reading.auth_error is not None:
-                    self._auth_failed = f"Runware rejected the API key ({reading.auth_error})"
-                    return
-        except ConnectionClosed:
-            return
+        """Reads frames and leaves them to an absorber task, which absorbs whatever has been read
+        whenever it runs: that is when the reader waits for the network, since `recv` returns at once
+        while websockets holds frames already received. A burst of frames is one `emit`, not one each
+        (an emit per frame cost more than the rest of the frame's handling)."""
+        more = anyio.Event()
+        reading_done = False
+
+        async def absorber() -> None:
+            nonlocal more
+            while not reading_done:
+                await more.wait()
+                more = anyio.Event()
+                await self._flush(ctx)
+            await self._flush(ctx)  # what was read while the last flush was out
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(absorber)
+            try:
+                async for message in ws:
+                    self._last_rx = time.monotonic()
+                    reading = self._read(message, Origin.PUSH)
+                    if reading.auth_error is not None:
+                        self._pending.remove(reading)
+                        self._auth_failed = f"Runware rejected the API key ({reading.auth_error})"
+                        break
+                    if len(self._pending) >= MAX_PENDING:
+                        await self._flush(ctx)
+                    more.set()
+            except ConnectionClosed:
+                pass
+            finally:
+                reading_done = True  # the absorber takes what is left, then ends
+                more.set()
 
     async def _pinger(self, ws: ClientConnection) -> None:
         """Keeps Runware's idle timer from closing the socket; notices a socket gone silent."""
@@ -428,7 +463,8 @@ class RunwareProvider(Provider):
             else:
                 await ctx.health(Health.RECONNECTING, message="socket down; polling over REST")
         self._rest_delays = backoff(initial=max(self.poll_interval, 1.0), maximum=60.0)
-        await self._absorb(ctx, self._norm.feed(body, Origin.POLL))
+        self._read(body, Origin.POLL)
+        await self._flush(ctx)
 
     async def _rest_failed(self, ctx: Context, exc: ProviderError, due: list[_Task]) -> None:
         now = time.monotonic()
@@ -478,39 +514,59 @@ class RunwareProvider(Provider):
         self._tasks[job.job] = _Task(job.job, follow, session, polled, now if polled else now + self.repair_after)
 
     # -- every frame ends here -----------------------------------------------------------------
-    async def _absorb(self, ctx: Context, reading: Reading) -> None:
+    def _read(self, payload: Any, origin: Origin) -> Reading:
+        """Normalise one frame or answer; its reading waits in `_pending` for `_flush`. Readings are
+        absorbed in the order they were read, whichever task read them (the socket's reader, a REST
+        poll, a submit), so a job's events go out in the order the normaliser saw its frames."""
+        reading = self._norm.feed(payload, origin)
+        self._pending.append(reading)
+        return reading
+
+    async def _flush(self, ctx: Context) -> None:
+        """Absorb every pending reading, in order, with one emit."""
+        async with self._absorb_lock:  # (taken before the readings, so whoever flushes next comes after)
+            if not self._pending:
+                return
+            readings = list(self._pending)
+            self._pending.clear()
+            await self._absorb(ctx, readings)
+
+    async def _absorb(self, ctx: Context, readings: list[Reading]) -> None:
         now = time.monotonic()
-        for task_id in reading.heard:
-            task = self._tasks.get(task_id)
-            if task is not None and not task.polled:
-                task.poll_at = now + self.repair_after
-        for task_id in reading.missing:
-            task = self._tasks.get(task_id)
-            if task is not None:  # unknown upstream (yet, or any more): ask again, slowly
-                task.poll_at = now + max(self.repair_after, self.poll_interval)
-        held: set[str] = set()
-        for task_id in reading.acked:
-            waiter = self._waiters.get(task_id)
-            if waiter is not None:
-                waiter.acked = True
-                waiter.event.set()
-        for task_id, message in reading.rejected.items():
-            waiter = self._waiters.get(task_id)
-            if waiter is not None and not waiter.acked:
-                waiter.rejected = message
-                waiter.event.set()
-                held.add(task_id)  # refused at submission: submit raises, no job exists
-        for task_id in reading.finished:
-            self._tasks.pop(task_id, None)
-        observations = [o for o in reading.observations if o.job not in held]
+        observations = []
+        for reading in readings:
+            for task_id in reading.heard:
+                task = self._tasks.get(task_id)
+                if task is not None and not task.polled:
+                    task.poll_at = now + self.repair_after
+            for task_id in reading.missing:
+                task = self._tasks.get(task_id)
+                if task is not None:  # unknown upstream (yet, or any more): ask again, slowly
+                    task.poll_at = now + max(self.repair_after, self.poll_interval)
+            held: set[str] = set()
+            for task_id in reading.acked:
+                waiter = self._waiters.get(task_id)
+                if waiter is not None:
+                    waiter.acked = True
+                    waiter.event.set()
+            for task_id, message in reading.rejected.items():
+                waiter = self._waiters.get(task_id)
+                if waiter is not None and not waiter.acked:
+                    waiter.rejected = message
+                    waiter.event.set()
+                    held.add(task_id)  # refused at submission: submit raises, no job exists
+            for task_id in reading.finished:
+                self._tasks.pop(task_id, None)
+            observations += [o for o in reading.observations if o.job not in held] if held else reading.observations
         if observations:
             await ctx.emit(*observations)
-        for task_id in reading.new_items - reading.finished:
-            task = self._tasks.get(task_id)
-            batch = self._norm.batches.get(task_id)
-            if task is not None and batch is not None:
-                task.follow["items"] = batch.items_json()
-                await ctx.remember(task_id, task.follow)
+        for reading in readings:
+            for task_id in reading.new_items - reading.finished:
+                task = self._tasks.get(task_id)
+                batch = self._norm.batches.get(task_id)
+                if task is not None and batch is not None:
+                    task.follow["items"] = batch.items_json()
+                    await ctx.remember(task_id, task.follow)
 
     def _wake(self) -> None:
         self._poke.set()
