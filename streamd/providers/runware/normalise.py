@@ -47,7 +47,7 @@ AUTH_CODES = frozenset({"invalidApiKey", "missingApiKey", "unauthorized", "apiKe
 NOT_FOUND_CODES = frozenset({"taskNotFound", "taskUUIDNotFound", "notFound"})
 LEGACY_AUTH_ERROR_IDS = frozenset({19})
 
-RESULT_FIELDS = ("imageUUID", "imageURL", "imageBase64Data", "imageDataURI")
+RESULT_FIELDS = frozenset({"imageUUID", "imageURL", "imageBase64Data", "imageDataURI"})  # an entry with any is a result
 MAX_RAW_TEXT = 2000
 _KEY_IN_TEXT = re.compile(r'("apiKey"\s*:\s*)"[^"]*"', re.IGNORECASE)
 
@@ -113,9 +113,12 @@ class Reading:
     finished: set[str] = field(default_factory=set)  # tasks that reached a terminal state here
 
 
+_TEXT_TYPES = (str, bytes, bytearray, memoryview)
+
+
 def decode(payload: Any) -> tuple[Any, str | None]:
     """JSON text or bytes to Python data; already-decoded data passes through."""
-    if isinstance(payload, bytes | bytearray | memoryview | str):
+    if isinstance(payload, _TEXT_TYPES):
         try:
             return loads(bytes(payload) if isinstance(payload, memoryview) else payload), None
         except ValueError as exc:
@@ -150,8 +153,11 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+_COST_TYPES = (int, float, str)  # (a tuple: isinstance with `int | float | str` builds the union every call)
+
+
 def _cost(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    if isinstance(value, bool) or not isinstance(value, _COST_TYPES):
         return None
     try:
         cost = float(value)
@@ -212,7 +218,7 @@ class Normaliser:
         """Read one frame (text, bytes, or decoded JSON). Never raises."""
         reading = Reading()
         try:
-            self._clean = isinstance(payload, str | bytes) and is_clean(payload)
+            self._clean = type(payload) in (str, bytes) and is_clean(payload)
             self._feed(payload, origin, reading)
         except Exception as exc:  # totality: a bug here must not kill the connection
             self._clean = False
@@ -278,7 +284,7 @@ class Normaliser:
                 continue
             if "status" in entry or task_type == "getResponse":
                 polls.setdefault(task, []).append(entry)
-            elif task_type == "imageInference" and any(k in entry for k in RESULT_FIELDS):
+            elif task_type == "imageInference" and not RESULT_FIELDS.isdisjoint(entry):
                 self._results(task, [entry], origin, reading, upstream="result")
             elif task_type == "imageInference":
                 self._ack(task, entry, reading)
@@ -311,7 +317,7 @@ class Normaliser:
         for entry in entries:
             status = entry.get("status")
             status = status.lower() if isinstance(status, str) else status
-            if status in SUCCESS_STATUSES or (status is None and any(k in entry for k in RESULT_FIELDS)):
+            if status in SUCCESS_STATUSES or (status is None and not RESULT_FIELDS.isdisjoint(entry)):
                 successes.append(entry)
             elif status in ERROR_STATUSES:
                 self._fail(batch, _message(entry), str(status), Origin.POLL, entry, reading)
