@@ -87,18 +87,19 @@ def main() -> None:
             if jobs[i] is not None
         ],
     )
-    with tempfile.TemporaryDirectory(prefix="streamd-stages-") as tmp:
-        journals = [Journal(Path(tmp) / f"j{r}.sqlite3") for r in range(args.repeat)]
-        rows = appends
+    bare = [a._replace(job_key=None, job_body=None, terminal=False) for a in appends]
+    for label, rows in (("events only", bare), ("events + job rows", appends)):
+        with tempfile.TemporaryDirectory(prefix="streamd-stages-") as tmp:
+            journals = [Journal(Path(tmp) / f"j{r}.sqlite3") for r in range(args.repeat)]
 
-        def write() -> None:
-            journal = journals.pop()
-            for k in range(0, len(rows), BATCH):
-                journal.append(rows[k : k + BATCH])
-            journal.checkpoint()  # the daemon's checkpointer does this beside the writer
-            journal.close()
+            def write(rows: list[Append] = rows, journals: list[Journal] = journals) -> None:
+                journal = journals.pop()
+                for k in range(0, len(rows), BATCH):
+                    journal.append(rows[k : k + BATCH])
+                journal.checkpoint()  # the daemon's checkpointer does this beside the writer
+                journal.close()
 
-        stage(f"journal append, {BATCH}-event batches + checkpoint (threads)", write)
+            stage(f"journal, {label}: {BATCH}-event batches + checkpoint (threads)", write)
     width = max(len(name) for name, _ in results)
     for name, us in results:
         print(f"{name:<{width}}  {us:6.2f} µs/event")
