@@ -57,6 +57,21 @@ class Program:
         self.channel = channel
 
 
+def _oxen_item(gid: str) -> dict[str, Any]:
+    return {
+        "generation_id": gid,
+        "model_name": "bytedance-seedream-4",
+        "prompt": "bench",
+        "media_type": "image",
+        "status": "processing",
+        "result_url": None,
+        "error_message": None,
+        "enqueued_at": 1_700_000_000.0,
+        "started_at": 1_700_000_001.0,
+        "completed_at": None,
+    }
+
+
 class PollLog:
     """Per-job poll times, to check polling against the providers' advised rates."""
 
@@ -112,6 +127,8 @@ class Firehose:
         self.started_ns: dict[str, int] = {}
         self.finished_ns: dict[str, int] = {}
         self.polls = PollLog()
+        self._oxen_active: list[str] = []  # what the Oxen active list holds (the scale bench sets it)
+        self._oxen_list = Response.json({"count": 0, "generations": []})
         self.ws_conns = 0
         self.sse_conns = 0
 
@@ -182,27 +199,22 @@ class Firehose:
         if path == "/api/events" and method == "GET":
             headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
             return StreamResponse(self._sse(), headers=headers)
-        if path == "/api/ai/queue" and method == "GET":
+        if path == "/bench/oxen-active" and method == "POST":  # the jobs the active list holds
+            ids = [str(i) for i in request.json()["ids"]]
+            self._oxen_active = ids
+            self._oxen_list = Response.json({"count": len(ids), "generations": [_oxen_item(i) for i in ids]})
+            return Response.json({"ok": True})
+        if path == "/api/ai/queue" and method == "GET":  # one request, a poll of every job it lists
+            self.polls.requests["oxen"] += 1
             self.polls.requests["oxen-list"] += 1
-            return Response.json({"count": 0, "generations": []})
+            for gid in self._oxen_active:
+                self.polls.poll("oxen", gid)
+            return self._oxen_list
         if path.startswith("/api/ai/queue/") and method == "GET":
             gid = path.removeprefix("/api/ai/queue/")
             self.polls.requests["oxen"] += 1
             self.polls.poll("oxen", gid)
-            return Response.json(
-                {
-                    "generation_id": gid,
-                    "model_name": "bytedance-seedream-4",
-                    "prompt": "bench",
-                    "media_type": "image",
-                    "status": "processing",
-                    "result_url": None,
-                    "error_message": None,
-                    "enqueued_at": 1_700_000_000.0,
-                    "started_at": 1_700_000_001.0,
-                    "completed_at": None,
-                }
-            )
+            return Response.json(_oxen_item(gid))
         if method == "POST" and path in ("/v1", "/v1/"):  # Runware REST (used only while the socket is down)
             try:
                 tasks = request.json()

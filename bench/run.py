@@ -125,8 +125,16 @@ class Emulator:
     def stats(self) -> dict[str, Any]:
         return self._call("/bench/stats")
 
+    def oxen_active(self, ids: list[str]) -> None:
+        self._call("/bench/oxen-active", {"ids": ids})
+
     def stop(self) -> None:
         self.child.stop()
+
+
+def _scale_id(i: int) -> str:
+    """The scale journal's job ids (odd i: Oxen, even: Runware; i below scale_active: still running)."""
+    return f"{i:08x}-0000-4000-8000-{i:012x}"
 
 
 TREE: Path | None = None  # --tree: run the daemon and the CLI from this source tree instead
@@ -673,6 +681,8 @@ class Bench:
             shutil.copytree(journal_dir, tmp / "state")
             emu = Emulator(tmp)
             try:
+                # Oxen's active list holds the journal's running Oxen jobs (see build_journal)
+                emu.oxen_active([_scale_id(i) for i in range(1, self.p.scale_active, 2)])
                 daemon = Daemon(emu, tmp, wait=False)
                 try:
                     daemon.wait_connected(timeout=60)
@@ -767,7 +777,7 @@ class Bench:
         active = self.p.scale_active
         for i in range(self.p.scale_jobs):
             provider = "oxen" if i % 2 else "runware"
-            jid = f"{i:08x}-0000-4000-8000-{i:012x}"
+            jid = _scale_id(i)
             steps = (State.QUEUED, State.RUNNING) if i < active else (State.QUEUED, State.COMPLETED)
             created = now - 86400 + i * 0.5
             job = Job(provider=provider, job=jid, status=State.QUEUED, model="bytedance-seedream-4", created=created)

@@ -242,13 +242,14 @@ class OxenEmulator:
     def requests(self, method: str | None = None, path: str | None = None) -> list[tuple[float, str, str, int]]:
         return [r for r in self.log if (method is None or r[1] == method) and (path is None or r[2] == path)]
 
-    def force(self, generation_id: str, status: str, *, error: str | None = None) -> None:
-        """Move a generation at once (tests pair this with `faults.paused` for exact sequences)."""
+    def force(self, generation_id: str, status: str, *, error: str | None = None, announce: bool = True) -> None:
+        """Move a generation at once (tests pair this with `faults.paused` for exact sequences).
+        `announce=False` finishes it without its SSE event, as if the stream had lost it."""
         gen = self.generations[generation_id]
         if status == "processing" and gen.status == "queued":
             self._start(gen)
         elif status in ("succeeded", "failed") and gen.status in ACTIVE:
-            self._finish(gen, status, error or gen.plan.error or "forced failure")
+            self._finish(gen, status, error or gen.plan.error or "forced failure", announce=announce)
 
     def send_raw(self, frame: bytes) -> int:
         """Send `frame` as it is to every connected SSE subscriber (tests: malformed events). Returns how many."""
@@ -275,7 +276,7 @@ class OxenEmulator:
         gen.status = "processing"
         gen.started_at = time.time()
 
-    def _finish(self, gen: Generation, outcome: str, error: str) -> None:
+    def _finish(self, gen: Generation, outcome: str, error: str, *, announce: bool = True) -> None:
         gen.completed_at = time.time()
         self._active.pop(gen.id, None)
         if outcome == "succeeded":
@@ -302,7 +303,8 @@ class OxenEmulator:
             cost=MODELS[gen.model]["pricing"].get("cost_per_image"),
             error=gen.error_message,
         )
-        self._publish("media_generation_completed", data)
+        if announce:
+            self._publish("media_generation_completed", data)
         if self._extra_rng.random() < UNRELATED_RATE:
             self._publish("deployment_status_changed", {"deployment_id": f"dep_{gen.id[:8]}", "status": "live"})
 

@@ -19,7 +19,7 @@ import pytest
 from streamd.emulators.oxen import OxenEmulator
 from streamd.events import Health, Kind, Origin, State
 from streamd.providers.base import ProviderError, SubmitRequest
-from streamd.providers.oxen.provider import OxenProvider
+from streamd.providers.oxen.provider import LIST_MODE_JOBS, OxenProvider
 from streamd.transport import sse
 from tests.support import RecordingContext
 
@@ -357,3 +357,52 @@ async def test_a_reconnect_right_after_a_poll_repolls_when_the_interval_allows_n
                 await anyio.sleep(0.02)
         second = emu.requests("GET", path)[1][0]
         assert second - first >= 2.0 - 0.05  # (the emulator's clock; a little slack for its rounding)
+
+
+@pytest.mark.anyio
+async def test_many_jobs_are_polled_through_the_active_list_and_a_finished_one_by_itself() -> None:
+    """From LIST_MODE_JOBS unfinished jobs on, one list request a round is every job's poll (it was one
+    request per job: ~1,100 a second for 2,500 jobs); a job missing from the list (it finished, and
+    SSE lost its event) is asked for by itself and completes with its outputs."""
+    async with oxen(paused=True, poll=0.2) as (emu, provider, ctx):
+        await connected(ctx)
+        jobs = [
+            job
+            for k in range(5)
+            for job in await provider.submit(
+                ctx, SubmitRequest(model=MODEL, prompt=f"list {k} [ok]", options={"num_generations": 2})
+            )
+        ]
+        assert len(jobs) == 10 >= LIST_MODE_JOBS
+        lists = len(emu.requests("GET", "/api/ai/queue"))
+        emu.force(jobs[0], "processing")
+        await ctx.wait_for(lambda: bool(state_events(ctx, jobs[0], State.RUNNING)))
+        [running] = state_events(ctx, jobs[0], State.RUNNING)
+        assert running.origin is Origin.POLL
+        emu.force(jobs[1], "processing")
+        emu.force(jobs[1], "succeeded", announce=False)  # SSE never says so
+        await ctx.wait_for(lambda: bool(state_events(ctx, jobs[1], State.COMPLETED)))
+        [done] = state_events(ctx, jobs[1], State.COMPLETED)
+        assert (done.origin, done.outputs) == (Origin.POLL, tuple(emu.truth[jobs[1]].outputs))
+        assert len(emu.requests("GET", "/api/ai/queue")) > lists  # the list answered the polls...
+        assert len(emu.requests("GET", f"/api/ai/queue/{jobs[1]}")) >= 1  # ...but not for the finished job
+        for job in jobs[2:]:
+            assert emu.requests("GET", f"/api/ai/queue/{job}") == [], job  # the list answered for them all
+
+
+@pytest.mark.anyio
+async def test_a_failing_list_falls_back_to_polling_each_job() -> None:
+    async with oxen(paused=True, poll=0.2) as (emu, provider, ctx):
+        await connected(ctx)
+        jobs = [
+            job
+            for k in range(4)
+            for job in await provider.submit(
+                ctx, SubmitRequest(model=MODEL, prompt=f"fall {k} [ok]", options={"num_generations": 2})
+            )
+        ]
+        emu.faults.error_status, emu.faults.error_count = 500, 1  # the next request (the list) fails
+        with anyio.fail_after(20):
+            while not all(emu.requests("GET", f"/api/ai/queue/{job}") for job in jobs):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        assert emu.faults.errors_served == 1
