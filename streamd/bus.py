@@ -3,7 +3,8 @@
 Publishing never waits. A subscriber whose buffer fills is marked lagging and stops receiving
 live events; its sender then reads what it missed from the journal and rejoins the live stream
 once it has caught up. History older than the journal keeps is reported as a gap. Memory per
-subscriber is at most `limit` references to event bytes shared by all subscribers.
+subscriber is at most `limit` events, as bytes shared by all subscribers: a published batch that
+several subscribers to everything take whole is joined into its lines once, for all of them.
 """
 
 from __future__ import annotations
@@ -52,13 +53,27 @@ class LiveNotice:
 
 
 class Subscriber:
-    __slots__ = ("_wake", "announced", "buffer", "closed", "cursor", "filter", "lagging", "limit", "overflows")
+    __slots__ = (
+        "_wake",
+        "announced",
+        "buffer",
+        "closed",
+        "cursor",
+        "filter",
+        "lagging",
+        "limit",
+        "overflows",
+        "pending",
+    )
 
     def __init__(self, flt: Filter, cursor: int, limit: int) -> None:
         self.filter = flt
         self.cursor = cursor  # every matching event with seq <= cursor has been handed over
         self.limit = limit
-        self.buffer: deque[bytes] = deque()  # event bodies, shared with every other subscriber
+        # Event lines without their last newline, shared with every other subscriber: an event's body, or
+        # a whole published batch's bodies joined by newlines. `pending` counts the events in it.
+        self.buffer: deque[bytes] = deque()
+        self.pending = 0
         self.lagging = True  # until the first catch-up check attaches it to the live stream
         self.closed = False
         self.overflows = 0
@@ -88,16 +103,19 @@ class Bus:
         first, last = items[0].seq, items[-1].seq
         self.head = last
         self.published += len(items)
-        bodies: list[bytes] | None = None
+        n = len(items)
+        block: bytes | None = None
         for sub in self.subscribers:
             if sub.lagging:
                 continue
             flt = sub.filter
-            if not flt and sub.cursor < first and len(sub.buffer) + len(items) <= sub.limit:
-                # The common case, a subscriber to everything with room for the whole batch: one extend.
-                if bodies is None:
-                    bodies = [item.body for item in items]
-                sub.buffer.extend(bodies)
+            if not flt and sub.cursor < first and sub.pending + n <= sub.limit:
+                # The common case, a subscriber to everything with room for the whole batch: the batch's
+                # lines, joined once for every such subscriber (each one's sender sent its own join).
+                if block is None:
+                    block = b"\n".join([item.body for item in items])
+                sub.buffer.append(block)
+                sub.pending += n
                 sub.cursor = last
                 sub.wake()
                 continue
@@ -107,11 +125,12 @@ class Bus:
                 if flt and (item.data is None or not flt(item.data)):
                     sub.cursor = item.seq
                     continue
-                if len(sub.buffer) >= sub.limit:
+                if sub.pending >= sub.limit:
                     sub.lagging = True
                     sub.overflows += 1
                     break
                 sub.buffer.append(item.body)
+                sub.pending += 1
                 sub.cursor = item.seq
             sub.wake()
 
@@ -126,11 +145,13 @@ class Bus:
         sub.wake()
 
     async def stream(self, sub: Subscriber) -> AsyncIterator[list[bytes] | GapNotice | LiveNotice]:
-        """What to send `sub`, batch by batch, in seq order: event bodies, or a gap notice."""
+        """What to send `sub`, batch by batch, in seq order: event lines (each a body, or several joined
+        by newlines; joined by newlines they are the NDJSON to send), or a gap notice."""
         while not sub.closed:
             if sub.buffer:
                 batch = list(sub.buffer)
                 sub.buffer.clear()
+                sub.pending = 0
                 yield batch
                 continue
             if sub.lagging:

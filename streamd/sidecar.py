@@ -57,6 +57,6 @@ async def stream_from_bus(bus: Bus, cursor: int, flt: Filter = MATCH_ALL) -> Asy
             if isinstance(out, GapNotice | LiveNotice):
                 yield out
             else:
-                yield [cloud_decoder.decode(body) for body in out]
+                yield [event for lines in out for event in cloud_decoder.decode_lines(lines)]
     finally:
         bus.unsubscribe(sub)

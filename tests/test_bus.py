@@ -39,3 +39,33 @@ async def test_events_published_while_a_catch_up_read_is_out_still_arrive() -> N
                 break
     assert got == [b"e1", b"e2", b"e3"]
     assert sub.cursor == 3
+
+
+@pytest.mark.anyio
+async def test_a_batch_is_joined_once_for_every_subscriber_to_everything_and_counted_in_events() -> None:
+    from streamd.filters import parse
+
+    async def fetch(after: int, limit: int) -> list[tuple[int, bytes]]:
+        return []
+
+    bus = Bus(0, fetch, lambda: 1, limit=5)
+    subs = [bus.subscribe(0) for _ in range(2)]
+    picky = bus.subscribe(0, parse("provider:wiro"))
+    for sub in (*subs, picky):
+        sub.lagging = False  # live from seq 0
+    wiro = EventData(
+        provider="wiro", job="w", kind=Kind.LOG, status=None, previous=None, upstream="x", origin=Origin.PUSH
+    )
+    bus.publish([Item(1, b"e1", DATA), Item(2, b"e2", wiro), Item(3, b"e3", DATA)])
+    assert subs[0].buffer[0] is subs[1].buffer[0]  # one join, shared
+    assert [s.pending for s in (*subs, picky)] == [3, 3, 1]
+    bus.publish([Item(4, b"e4", DATA), Item(5, b"e5", DATA)])  # 3 + 2 events: still room for the whole batch
+    bus.publish([Item(6, b"e6", DATA)])  # no room: a subscriber's limit is events, not items
+    assert subs[0].pending == 5 and subs[0].lagging and subs[0].overflows == 1
+    out = []
+    async for batch in bus.stream(subs[1]):
+        assert isinstance(batch, list)
+        out = batch
+        break
+    assert b"\n".join([*out, b""]) == b"e1\ne2\ne3\ne4\ne5\n"  # the NDJSON the feed sends
+    assert subs[1].pending == 0

@@ -174,9 +174,9 @@ async def test_slow_reader_is_caught_up_from_the_journal_and_memory_stays_bounde
         max_buffer = 0
         for i in range(total):
             await prov.push(f"j{i}", State.QUEUED)
-            max_buffer = max(max_buffer, *(len(s.buffer) for s in d.bus.subscribers))
+            max_buffer = max(max_buffer, *(s.pending for s in d.bus.subscribers))
         await d.pipeline.sync()
-        max_buffer = max(max_buffer, *(len(s.buffer) for s in d.bus.subscribers))
+        max_buffer = max(max_buffer, *(s.pending for s in d.bus.subscribers))
         assert max_buffer <= 64
         assert any(s.overflows for s in d.bus.subscribers)
         seqs = []

@@ -142,7 +142,7 @@ async def test_one_reader_that_never_reads_beside_ten_that_do(short_tmp: Path) -
             async def watch() -> None:
                 nonlocal peak_buffer, peak_bytes, rss_peak, full_at
                 while True:
-                    peak_buffer = max(peak_buffer, len(stuck.buffer))
+                    peak_buffer = max(peak_buffer, stuck.pending)
                     peak_bytes = max(peak_bytes, sum(len(body) for body in stuck.buffer))
                     rss = proc.memory_info().rss
                     if full_at is None and stuck.overflows:
