@@ -6,6 +6,7 @@ intervals of 0.1-0.5 s), so minutes of backoff play out in seconds. Request coun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
@@ -287,6 +288,10 @@ async def test_providers_down_for_minutes_back_off_to_their_caps_and_the_others_
             ]
             acked = [a for r in rounds for a in r["acked"]]
             jobs = await settle(lambda: client.jobs(limit=1000), f.emulators, acked, within=60)
+            # Healthy again, all of them. (Waited for, not read once: a stream may be between two
+            # connections at any moment, e.g. Oxen's 1 s read timeout firing on a loaded machine.)
+            with contextlib.suppress(TimeoutError):
+                await until_health(client, PROVIDERS, {Health.CONNECTED.value, Health.POLLING.value}, within=20)
             status = await health_of(client)
             tg.cancel_scope.cancel()
     for r in rounds:
@@ -312,4 +317,5 @@ async def test_providers_down_for_minutes_back_off_to_their_caps_and_the_others_
             assert not events, f"{name} was unaffected, yet its health changed: {[e.data.health for e in events]}"
         assert r["finished_up"], "the others finished work during the outage"
     assert not mismatches(jobs, f.emulators)
-    assert all(p["health"] in ("connected", "polling") and p["restarts"] == 0 for p in status.values()), status
+    assert all(p["health"] in ("connected", "polling") for p in status.values()), status
+    assert all(p["restarts"] == 0 for p in status.values()), status  # no provider task crashed
