@@ -31,6 +31,7 @@ import signal
 import struct
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,12 @@ now_ns = time.monotonic_ns  # CLOCK_MONOTONIC: comparable across processes on on
 
 
 class Program:
-    def __init__(self, seq: int, count: int, rate: float, channel: str) -> None:
+    def __init__(self, seq: int, count: int, rate: float, channel: str, ids: list[str] | None = None) -> None:
         self.seq = seq
         self.count = count
         self.rate = rate
         self.channel = channel
+        self.ids = ids  # the jobs' ids, event by event; None: sequential ids (the job store's best case)
 
 
 def _oxen_item(gid: str) -> dict[str, Any]:
@@ -134,6 +136,9 @@ class Firehose:
 
     # -- events ------------------------------------------------------------------------------------
     def job_id(self, n: int) -> str:
+        prog = self._program
+        if prog is not None and prog.ids is not None and n < len(prog.ids):
+            return prog.ids[n]
         return f"{self.prefix}-0000-4000-8000-{n:012x}"
 
     def _oxen_data(self, n: int, stamp: int | None) -> str:
@@ -177,8 +182,11 @@ class Firehose:
         if path == "/bench/start" and method == "POST":
             body = request.json()
             self._programs += 1
+            count = int(body["count"])
+            # random UUIDs, as real providers' ids are, made before the first event goes out
+            ids = [str(uuid.uuid4()) for _ in range(count)] if body.get("ids") == "random" else None
             self._program = Program(
-                self._programs, int(body["count"]), float(body.get("rate", 0.0)), str(body.get("channel", "sse"))
+                self._programs, count, float(body.get("rate", 0.0)), str(body.get("channel", "sse")), ids
             )
             self.sent.clear()
             self.started_ns.clear()

@@ -119,8 +119,8 @@ class Emulator:
             result: dict[str, Any] = json.loads(resp.read())
         return result
 
-    def start(self, count: int, channel: str, rate: float = 0.0) -> None:
-        self._call("/bench/start", {"count": count, "channel": channel, "rate": rate})
+    def start(self, count: int, channel: str, rate: float = 0.0, ids: str = "sequential") -> None:
+        self._call("/bench/start", {"count": count, "channel": channel, "rate": rate, "ids": ids})
 
     def stats(self) -> dict[str, Any]:
         return self._call("/bench/stats")
@@ -345,6 +345,7 @@ class Params:
     scale_runs: int
     startup_runs: int
     timeout: float
+    ids: str = "sequential"  # the firehose's job ids: sequential (the job store's best case) or random UUIDs
 
 
 FULL = Params(
@@ -424,7 +425,7 @@ class Bench:
             emu = Emulator(tmp)
             try:
                 bare = Bare(channel, emu, tmp, count=self.p.count, timeout=self.p.timeout)
-                emu.start(self.p.count, channel)
+                emu.start(self.p.count, channel, ids=self.p.ids)
                 res = bare.result(self.p.timeout + 30)
                 start = emu.stats()["started_ns"][channel]
             finally:
@@ -438,7 +439,7 @@ class Bench:
         with self.workdir() as tmp, self.stack(tmp) as (emu, daemon):
             sub = Subscribers(daemon, subs=subs, stalled=stalled, count=self.p.count, timeout=self.p.timeout)
             cpu0 = daemon.cpu()
-            emu.start(self.p.count, channel)
+            emu.start(self.p.count, channel, ids=self.p.ids)
             results = sub.result()
             cpu = daemon.cpu() - cpu0
             rss = daemon.rss()
@@ -513,7 +514,7 @@ class Bench:
             emu = Emulator(tmp)
             try:
                 bare = Bare(channel, emu, tmp, count=self.p.lat_count, latency=True, timeout=self.p.timeout)
-                emu.start(self.p.lat_count, channel, rate=self.p.lat_rate)
+                emu.start(self.p.lat_count, channel, rate=self.p.lat_rate, ids=self.p.ids)
                 res = bare.result(self.p.timeout + 30)
             finally:
                 emu.stop()
@@ -524,7 +525,7 @@ class Bench:
             sub = Subscribers(
                 daemon, subs=subs, stalled=stalled, count=self.p.lat_count, latency=True, timeout=self.p.timeout
             )
-            emu.start(self.p.lat_count, channel, rate=self.p.lat_rate)
+            emu.start(self.p.lat_count, channel, rate=self.p.lat_rate, ids=self.p.ids)
             results = sub.result()
         per = [self._lat(r["latency_ns"]) for r in results]
         return statistics.median(p50 for p50, _ in per), max(p99 for _, p99 in per)
@@ -900,6 +901,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure the daemon from TREE (before), alternating with this one (after) measurement by "
         "measurement, so both see the same machine; prints both tables and before -> after",
     )
+    ap.add_argument(
+        "--ids",
+        choices=["sequential", "random"],
+        default="sequential",
+        help="the firehose's job ids: sequential (the default; the job store's best case) or random UUIDs",
+    )
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     p = dataclasses.replace(SMOKE if args.smoke else FULL)
@@ -911,6 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.idle_seconds = args.idle_seconds
     if args.lat_count:
         p.lat_count = args.lat_count
+    p.ids = args.ids
     sections = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -921,6 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trees.insert(0, ("before", Path(args.compare).resolve()))
     started = time.monotonic()
     print(f"streamd bench ({'smoke' if args.smoke else 'full'}): {machine()}", flush=True)
+    if p.ids != "sequential":
+        print(f"job ids in the firehose: {p.ids}", flush=True)
     for label, tree in trees:
         print(f"{label}: daemon from {tree or ROOT}", flush=True)
     busy_before = others_busy()
