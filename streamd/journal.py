@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     time REAL NOT NULL,  -- its newest event's time
     times BLOB NOT NULL,  -- each event's time: float64s, native byte order
     ends BLOB NOT NULL,  -- where each event's body ends in `body`: int64s, native byte order
-    body BLOB NOT NULL  -- the bodies back to back
+    body BLOB NOT NULL,  -- the bodies back to back
+    jobs BLOB  -- the job rows the batch left behind (msgpack), what rebuilds the job store after a crash
 );
 CREATE TABLE IF NOT EXISTS jobs (
     provider TEXT NOT NULL,
@@ -85,6 +86,13 @@ class Retention:
     max_age: float = 30 * 86400.0
 
 
+# The job store follows the events at a distance: job rows are written in bulk, at most JOBS_EVERY
+# seconds or JOBS_MOST rows after their events (and before any read of the store). One row per job per
+# 1,024-event transaction dirtied a page of the (provider, job) index per job when ids are random, as
+# real providers' are: ~2.8 KB of WAL an event. The rows also ride in their events' chunk, so a crash
+# loses none of them: opening the journal writes what the chunks after `jobs_seq` left behind.
+JOBS_EVERY = 1.0
+JOBS_MOST = 16384
 WAL_KEEP = 64 << 20  # bytes of WAL file kept after it starts over (more is truncated)
 WAL_BACKSTOP = 64 << 20  # event bytes appended with no checkpoint before the writer checkpoints itself
 CHECKPOINT_EVERY = 0.5  # seconds between the pipeline's checkpoints (Pipeline.checkpointer)
@@ -114,6 +122,8 @@ class Journal:
             self._w.execute("PRAGMA wal_autocheckpoint=0")
             self._w.execute(f"PRAGMA journal_size_limit={WAL_KEEP}")
             _migrate(self._w)
+            if "jobs" not in {r[1] for r in self._w.execute("PRAGMA table_info(chunks)")}:  # (chunks before it)
+                self._w.execute("ALTER TABLE chunks ADD COLUMN jobs BLOB")
             self._r = _connect(path)
             self._c = _connect(path)
         except sqlite3.Error as exc:
@@ -126,11 +136,27 @@ class Journal:
         self._unchecked = 0  # bytes of events appended since the last checkpoint (about the WAL's growth)
         self.wal_backstop = WAL_BACKSTOP
         self.epoch = self._meta("epoch") or self._new_epoch()
-        row = self._w.execute("SELECT MIN(first), MAX(last) FROM chunks").fetchone()
-        self.last_seq: int = row[1] or int(self._meta("last_seq") or 0)
-        self.oldest: int = row[0] or self.last_seq + 1
+        oldest, newest = self._bounds(self._w)
+        self.last_seq: int = newest or int(self._meta("last_seq") or 0)
+        self.oldest: int = oldest or self.last_seq + 1
         self._appends_since_trim = 0
         self._unsaved: dict[tuple[str, str], bytes] = {}  # follow-up data `remember` could not write yet
+        # Job rows not written to the store yet (the newest per job), and since when.
+        self._dirty: dict[tuple[str, str], JobRow] = {}
+        self._dirty_since = 0.0
+        stored = self._meta("jobs_seq")  # the store is complete up to this seq
+        if stored is None:  # a new journal, or one from before rows were held back (its store is complete)
+            self._w.execute("INSERT OR REPLACE INTO meta VALUES ('jobs_seq', ?)", (str(self.last_seq),))
+        self.jobs_seq = int(stored) if stored is not None else self.last_seq
+        if self.jobs_seq < self.last_seq:
+            self._recover_jobs()
+
+    @staticmethod
+    def _bounds(conn: sqlite3.Connection) -> tuple[int | None, int | None]:
+        """The oldest and newest seq held (None, None when empty), through the primary key."""
+        oldest = conn.execute("SELECT first FROM chunks ORDER BY first LIMIT 1").fetchone()
+        newest = conn.execute("SELECT last FROM chunks ORDER BY first DESC LIMIT 1").fetchone()
+        return (oldest[0] if oldest else None), (newest[0] if newest else None)
 
     # -- meta --------------------------------------------------------------------------------
     def _meta(self, key: str) -> str | None:
@@ -164,6 +190,12 @@ class Journal:
                 f"seqs {first}..{batch[-1].seq} do not follow {self.last_seq} one by one"
             )
         bodies = list(map(_BODY, batch))
+        # a job's last row in the batch is the one that counts
+        jobs: dict[tuple[str, str], JobRow] = {
+            a.job_key: (a.job_key[0], a.job_key[1], int(a.terminal), a.time, a.job_body)
+            for a in batch
+            if a.job_key is not None and a.job_body is not None
+        }
         chunk = (
             first,
             first + n - 1,
@@ -171,26 +203,33 @@ class Journal:
             array("d", map(_TIME, batch)).tobytes(),
             array("q", itertools.accumulate(map(len, bodies))).tobytes(),
             b"".join(bodies),
+            _rows_encoder.encode(list(jobs.values())) if jobs else None,
         )
-        # a job's last row in the batch is the one that counts
-        jobs = {a.job_key: a for a in batch if a.job_key is not None and a.job_body is not None}
         with self._wlock:
+            now = time.monotonic()
+            dirty = self._dirty
+            store = len(dirty) + len(jobs) >= JOBS_MOST or (bool(dirty) and now - self._dirty_since >= JOBS_EVERY)
             try:
                 self._w.execute("BEGIN IMMEDIATE")
                 self._w.execute(_CHUNK, chunk)
-                if jobs:
-                    _insert_rows(
-                        self._w, _JOBS, [(k[0], k[1], int(a.terminal), a.time, a.job_body) for k, a in jobs.items()]
-                    )
+                if store:
+                    self._store_jobs({**dirty, **jobs}, batch[-1].seq)
                 if self._unsaved:
                     self._w.executemany(_REMEMBER, [(p, j, time.time(), b"", f) for (p, j), f in self._unsaved.items()])
                 self._w.execute("COMMIT")
                 self._unsaved.clear()
-                self._unchecked += len(chunk[5])
+                self._unchecked += len(chunk[5]) + len(chunk[6] or b"")
             except sqlite3.Error as exc:
                 if self._w.in_transaction:
                     self._w.execute("ROLLBACK")
                 raise JournalError(f"journal {self.path}: write failed: {exc}") from None
+            if store:
+                dirty.clear()
+                self.jobs_seq = batch[-1].seq
+            elif jobs:
+                if not dirty:
+                    self._dirty_since = now
+                dirty.update(jobs)
             self.last_seq = batch[-1].seq
             if self.oldest > first:
                 self.oldest = first
@@ -211,8 +250,59 @@ class Journal:
         with self._wlock:
             return self._trim(now)
 
+    # -- the job store -------------------------------------------------------------------------------
+    def flush_jobs(self) -> None:
+        """Write the job rows still held back (the pipeline's checkpointer does, after writes; every read
+        of the store does first)."""
+        with self._wlock:
+            self._flush_jobs()
+
+    def _flush_jobs(self) -> None:
+        if not self._dirty and self.jobs_seq >= self.last_seq:
+            return
+        try:
+            self._w.execute("BEGIN IMMEDIATE")
+            if self._dirty:
+                self._store_jobs(self._dirty, self.last_seq)
+            else:  # nothing held back: the store is complete up to the newest event
+                self._w.execute("INSERT OR REPLACE INTO meta VALUES ('jobs_seq', ?)", (str(self.last_seq),))
+            self._w.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._w.in_transaction:
+                self._w.execute("ROLLBACK")
+            raise JournalError(f"journal {self.path}: write failed: {exc}") from None
+        self._dirty.clear()
+        self.jobs_seq = self.last_seq
+
+    def _store_jobs(self, rows: dict[tuple[str, str], JobRow], seq: int) -> None:
+        """Inside a write transaction: the rows, in key order (neighbours share index pages), and the seq
+        the store is now complete up to."""
+        _insert_rows(self._w, _JOBS, [rows[k] for k in sorted(rows)])
+        self._w.execute("INSERT OR REPLACE INTO meta VALUES ('jobs_seq', ?)", (str(seq),))
+
+    def _recover_jobs(self) -> None:
+        """After a crash: the job rows of the chunks after `jobs_seq`, the newest per job, into the store."""
+        rows: dict[tuple[str, str], JobRow] = {}
+        for (blob,) in self._w.execute(
+            "SELECT jobs FROM chunks WHERE first > ? AND jobs IS NOT NULL ORDER BY first", (self.jobs_seq,)
+        ):
+            for row in _rows_decoder.decode(blob):
+                rows[(row[0], row[1])] = row
+        self._w.execute("BEGIN IMMEDIATE")
+        try:
+            if rows:
+                self._store_jobs(rows, self.last_seq)
+            else:
+                self._w.execute("INSERT OR REPLACE INTO meta VALUES ('jobs_seq', ?)", (str(self.last_seq),))
+            self._w.execute("COMMIT")
+        except BaseException:
+            self._w.execute("ROLLBACK")
+            raise
+        self.jobs_seq = self.last_seq
+
     def _trim(self, now: float | None = None) -> int:
         self._appends_since_trim = 0
+        self._flush_jobs()  # the chunks about to go may hold the only copy of some job rows
         cutoff_seq = self.last_seq - self.retention.max_events
         cutoff_time = (time.time() if now is None else now) - self.retention.max_age
         w = self._w
@@ -229,11 +319,14 @@ class Journal:
             # newest seq beside its delete (each append saving it cost a page write per commit).
             w.execute("BEGIN IMMEDIATE")
             w.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(self.last_seq),))
+            # (`first <= ?` first: the primary key bounds every scan to the chunks that go)
             (removed,) = w.execute(
-                "SELECT COALESCE(SUM(last - first + 1), 0) FROM chunks WHERE last <= ?", (upto,)
+                "SELECT COALESCE(SUM(last - first + 1), 0) FROM chunks WHERE first <= ? AND last <= ?", (upto, upto)
             ).fetchone()
-            w.execute("DELETE FROM chunks WHERE last <= ?", (upto,))
-            cut = w.execute("SELECT first, last, times, ends, body FROM chunks WHERE first <= ?", (upto,)).fetchone()
+            w.execute("DELETE FROM chunks WHERE first <= ? AND last <= ?", (upto, upto))
+            cut = w.execute(
+                "SELECT first, last, times, ends, body FROM chunks WHERE first <= ? ORDER BY first LIMIT 1", (upto,)
+            ).fetchone()
             if cut is not None:  # the chunk the line runs through keeps its newer part
                 first, last, times, ends, body = cut
                 keep = upto + 1 - first
@@ -249,6 +342,7 @@ class Journal:
                         times[keep * 8 :],
                         array("q", (e - start for e in offsets[keep:])).tobytes(),
                         body[start:],
+                        None,  # (the job store was brought up to date before the trim)
                     ),
                 )
                 removed += keep
@@ -292,9 +386,15 @@ class Journal:
         """Up to `limit` events after `seq`, in order: (seq, body)."""
         out: list[tuple[int, bytes]] = []
         with self._rlock:
-            rows = self._r.execute("SELECT first, ends, body FROM chunks WHERE last > ? ORDER BY first", (seq,))
+            rows = self._r.execute(  # from the chunk holding seq + 1, through the primary key
+                "SELECT first, last, ends, body FROM chunks WHERE first >= "
+                "COALESCE((SELECT first FROM chunks WHERE first <= ? ORDER BY first DESC LIMIT 1), 0) ORDER BY first",
+                (seq + 1,),
+            )
             try:
-                for first, ends, body in rows:  # (stepped one chunk at a time: a chunk can hold thousands)
+                for first, last, ends, body in rows:  # (stepped one chunk at a time: a chunk can hold thousands)
+                    if last <= seq:
+                        continue
                     offsets = array("q", ends)
                     skip = max(0, seq + 1 - first)
                     start = offsets[skip - 1] if skip else 0
@@ -311,11 +411,12 @@ class Journal:
     def snapshot(self, *, finished: int = 1000) -> tuple[int, list[Job]]:
         """Jobs as of one seq, read in one transaction: every unfinished job and the most recently
         updated `finished` ones. Returns (seq, jobs)."""
+        self.flush_jobs()
         with self._rlock:
             self._r.execute("BEGIN")
             try:
-                row = self._r.execute("SELECT MAX(last) FROM chunks").fetchone()
-                seq = row[0] if row[0] is not None else int(self._meta_r("last_seq") or 0)
+                # the seq the store is complete up to, written with the rows: the two agree
+                seq = int(self._meta_r("jobs_seq") or self._meta_r("last_seq") or 0)
                 live = self._r.execute("SELECT body FROM jobs WHERE terminal = 0 AND body != x''").fetchall()
                 done = self._r.execute(
                     "SELECT body FROM jobs WHERE terminal = 1 ORDER BY updated DESC LIMIT ?", (finished,)
@@ -331,6 +432,7 @@ class Journal:
 
     def unfinished(self) -> list[tuple[Job | None, bytes | None, str, str]]:
         """Every unfinished job with its follow-up data: what a restarted daemon resumes."""
+        self.flush_jobs()
         with self._rlock:
             rows = self._r.execute("SELECT provider, job, body, follow FROM jobs WHERE terminal = 0").fetchall()
         out = []
@@ -340,13 +442,14 @@ class Journal:
         return out
 
     def job(self, provider: str, job: str) -> tuple[Job | None, bytes | None]:
+        held = self._dirty.get((provider, job))
         with self._rlock:
             row = self._r.execute(
                 "SELECT body, follow FROM jobs WHERE provider = ? AND job = ?", (provider, job)
             ).fetchone()
-        if row is None:
-            return None, None
-        body, follow = row
+        body, follow = row if row is not None else (None, None)
+        if held is not None:  # newer than the store's row
+            body = held[4]
         return (job_decoder.decode(body) if body else None), (bytes(follow) if follow else None)
 
     def jobs_by_id(self, provider: str, jobs: Iterable[str]) -> dict[str, Job]:
@@ -363,6 +466,12 @@ class Journal:
                 for job, body in rows:
                     if body:
                         out[str(job)] = job_decoder.decode(body)
+        dirty = self._dirty
+        if dirty:  # rows held back are newer than the store's
+            for job in ids:
+                held = dirty.get((provider, job))
+                if held is not None:
+                    out[job] = job_decoder.decode(held[4])
         return out
 
     def job_keys(self) -> Iterable[tuple[str, str]]:
@@ -380,6 +489,7 @@ class Journal:
             last = rows[-1]
 
     def jobs(self, *, active: bool = False, limit: int = 1000) -> list[Job]:
+        self.flush_jobs()
         sql = "SELECT body FROM jobs WHERE body != x''"
         if active:
             sql += " AND terminal = 0"
@@ -390,6 +500,7 @@ class Journal:
 
     def iter_jobs(self, batch: int = 5000) -> Iterable[Job]:
         """Every job, newest first, a batch at a time (for filtered `jobs` over big stores)."""
+        self.flush_jobs()
         offset = 0
         while True:
             with self._rlock:
@@ -402,6 +513,7 @@ class Journal:
             offset += batch
 
     def counts(self) -> tuple[int, int]:
+        self.flush_jobs()
         with self._rlock:
             total, live = self._r.execute(
                 "SELECT COUNT(*), COALESCE(SUM(terminal = 0), 0) FROM jobs WHERE body != x''"
@@ -410,6 +522,8 @@ class Journal:
 
     def close(self) -> None:
         with self._wlock, self._rlock, self._clock:
+            with contextlib.suppress(JournalError):
+                self._flush_jobs()  # (or the next start writes them from the chunks)
             for conn in (self._r, self._c, self._w):
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
@@ -421,7 +535,10 @@ class Journal:
 # 999-parameter statements still ~35 times per 4,096-event batch, which made the journal the bottleneck.
 # Statements come in a few fixed sizes (powers of 4 rows, as large as the build's parameter limit
 # allows) so that SQLite's statement cache keeps them prepared: a full batch is one step per table.
-_CHUNK = "INSERT INTO chunks (first, last, time, times, ends, body) VALUES (?, ?, ?, ?, ?, ?)"
+_CHUNK = "INSERT INTO chunks (first, last, time, times, ends, body, jobs) VALUES (?, ?, ?, ?, ?, ?, ?)"
+JobRow = tuple[str, str, int, float, bytes]  # provider, job, terminal, updated, body: a row of `jobs`
+_rows_encoder = msgspec.msgpack.Encoder()
+_rows_decoder = msgspec.msgpack.Decoder(list[JobRow])
 _JOBS = (
     "INSERT INTO jobs (provider, job, terminal, updated, body) VALUES ",
     "(?, ?, ?, ?, ?)",
@@ -462,6 +579,7 @@ def _migrate(w: sqlite3.Connection) -> None:
                     array("d", (t for _, t, _ in run)).tobytes(),
                     array("q", itertools.accumulate(map(len, bodies))).tobytes(),
                     b"".join(bodies),
+                    None,  # (its job rows are in the store already)
                 ),
             )
             run.clear()

@@ -164,8 +164,9 @@ class Pipeline:
                     await self._write(rest, retry=False)
 
     async def checkpointer(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Checkpoint the journal's WAL in a thread of its own, beside the writer, twice a second and
-        only after writes: a checkpoint inside a commit held up every event behind it."""
+        """Write the job rows the journal holds back and checkpoint its WAL, in a thread of its own beside
+        the writer, twice a second and only after writes: a checkpoint inside a commit held up every event
+        behind it."""
         task_status.started()
         checked = self.written_seq
         limiter = anyio.CapacityLimiter(1)
@@ -175,9 +176,14 @@ class Pipeline:
             await anyio.sleep(CHECKPOINT_EVERY)
             checked = self.written_seq
             try:
-                await anyio.to_thread.run_sync(self.journal.checkpoint, limiter=limiter)
+                await anyio.to_thread.run_sync(self._catch_up, limiter=limiter)
             except JournalError as exc:
                 log.warning("%s", exc)  # the next one tries again; the writer has its own backstop
+
+    def _catch_up(self) -> None:
+        """The job rows the journal holds back, then the WAL's checkpoint (in the checkpointer's thread)."""
+        self.journal.flush_jobs()
+        self.journal.checkpoint()
 
     def _take(self, limit: int) -> list[Append]:
         queue = self._queue

@@ -191,3 +191,41 @@ def test_a_journal_with_a_row_per_event_is_moved_into_chunks(tmp_path: Path) -> 
     j.close()
     tables = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "events" not in tables and "chunks" in tables
+
+
+def test_job_rows_held_back_are_read_through_and_survive_a_crash(tmp_path: Path) -> None:
+    """Job rows are written to the store in bulk, after their events; until then reads see them anyway,
+    and a crash loses none: the next start writes them from the chunks they rode in."""
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    j.append(batch(1, 6))  # j0..j2, last rows at seqs 6, 4, 5
+    j.append(batch(7, 2))  # j1 at 7, j2 at 8
+    assert j._dirty and j.jobs_seq < j.last_seq  # held back: nothing forced a write yet
+    assert j.job("oxen", "j1")[0] is not None and j.job("oxen", "j1")[0].seq == 7  # type: ignore[union-attr]
+    assert {k: v.seq for k, v in j.jobs_by_id("oxen", ["j0", "j1", "j2", "nope"]).items()} == {
+        "j0": 6,
+        "j1": 7,
+        "j2": 8,
+    }
+    # a crash: this journal is never closed (its held-back rows die with it); another process opens the file
+    again = Journal(path)
+    assert again.jobs_seq == again.last_seq == 8
+    assert {job.job: job.seq for job in again.jobs(limit=10)} == {"j0": 6, "j1": 7, "j2": 8}
+    assert again.snapshot()[0] == 8
+
+
+def test_job_rows_are_written_after_at_most_jobs_most_of_them(tmp_path: Path) -> None:
+    import streamd.journal as journal_module
+
+    j = Journal(tmp_path / "j.db")
+    rows = []
+    for seq in range(1, journal_module.JOBS_MOST + 101):
+        job = Job(provider="oxen", job=f"k{seq}", status=State.COMPLETED, seq=seq)
+        rows.append(Append(seq, 1000.0, b"e", job.key, json_encoder.encode(job), True))
+    held = []
+    for k in range(0, len(rows), 1024):
+        j.append(rows[k : k + 1024])
+        held.append(len(j._dirty))
+    assert max(held) < journal_module.JOBS_MOST and 0 < j.jobs_seq < j.last_seq  # written along the way
+    assert j.counts() == (journal_module.JOBS_MOST + 100, 0)  # (a read writes what is held first)
+    assert j.jobs_seq == j.last_seq and not j._dirty

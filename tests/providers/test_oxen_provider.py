@@ -19,7 +19,7 @@ import pytest
 from streamd.emulators.oxen import OxenEmulator
 from streamd.events import Health, Kind, Origin, State
 from streamd.providers.base import ProviderError, SubmitRequest
-from streamd.providers.oxen.provider import LIST_MODE_JOBS, OxenProvider
+from streamd.providers.oxen.provider import LIST_MODE_JOBS, LIST_TRIES, OxenProvider
 from streamd.transport import sse
 from tests.support import RecordingContext
 
@@ -391,7 +391,9 @@ async def test_many_jobs_are_polled_through_the_active_list_and_a_finished_one_b
 
 
 @pytest.mark.anyio
-async def test_a_failing_list_falls_back_to_polling_each_job() -> None:
+async def test_a_failing_list_is_asked_again_and_only_then_each_job_by_itself() -> None:
+    """One failed list is asked again at the next round (polling thousands of jobs one by one at once
+    is the storm list mode avoids); after LIST_TRIES failures in a row the jobs are polled one by one."""
     async with oxen(paused=True, poll=0.2) as (emu, provider, ctx):
         await connected(ctx)
         jobs = [
@@ -401,8 +403,15 @@ async def test_a_failing_list_falls_back_to_polling_each_job() -> None:
                 ctx, SubmitRequest(model=MODEL, prompt=f"fall {k} [ok]", options={"num_generations": 2})
             )
         ]
-        emu.faults.error_status, emu.faults.error_count = 500, 1  # the next request (the list) fails
+        lists = len(emu.requests("GET", "/api/ai/queue"))
+        emu.faults.error_status, emu.faults.error_count = 500, 1  # the next request (a list) fails
+        with anyio.fail_after(20):
+            while len(emu.requests("GET", "/api/ai/queue")) < lists + 3:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        assert emu.faults.errors_served == 1
+        assert not any(emu.requests("GET", f"/api/ai/queue/{job}") for job in jobs)  # the list did it again
+        emu.faults.error_status, emu.faults.error_count = 500, LIST_TRIES  # now it keeps failing
         with anyio.fail_after(20):
             while not all(emu.requests("GET", f"/api/ai/queue/{job}") for job in jobs):  # noqa: ASYNC110
                 await anyio.sleep(0.02)
-        assert emu.faults.errors_served == 1
+        assert emu.faults.errors_served == 1 + LIST_TRIES

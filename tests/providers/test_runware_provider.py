@@ -442,3 +442,45 @@ async def test_a_burst_of_frames_is_emitted_together_and_in_order() -> None:
     assert completed == tasks
     assert [e.outputs for e in ctx.events if e.job == tasks[7]] == [("http://127.0.0.1:9/7.png",)]
     assert ctx.emits < 30, ctx.emits  # one a frame would be 300, plus the health reports
+
+
+async def test_a_flush_whose_caller_is_cancelled_still_hands_over_what_it_took() -> None:
+    """A flush takes every pending reading, other tasks' too (the socket's): the caller that happened to
+    flush being cancelled mid-emit (a submit whose client went away) must not lose them."""
+    import json
+
+    class Blocked(RecordingContext):
+        def __init__(self) -> None:
+            super().__init__("runware")
+            self.room = anyio.Event()
+
+        async def emit(self, *observations: Any) -> None:
+            await self.room.wait()  # the pipeline's queue is full: emit waits for room
+            await super().emit(*observations)
+
+    provider = RunwareProvider(ProviderSettings(name="runware", key=Secret("k-1"), base_url="http://127.0.0.1:9/v1"))
+    ctx = Blocked()
+    task = str(uuid.uuid4())
+    provider._norm.expect(task, number_results=1)
+    result = {
+        "taskType": "imageInference",
+        "taskUUID": task,
+        "imageUUID": "u-1",
+        "imageURL": "http://127.0.0.1:9/u.png",
+    }
+    provider._read(json.dumps({"data": [result]}), Origin.PUSH)  # read by the socket's reader
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            caller = anyio.CancelScope()
+
+            async def submitter_flushing() -> None:
+                with caller:
+                    await provider._flush(ctx)
+
+            tg.start_soon(submitter_flushing)
+            await anyio.sleep(0.05)
+            caller.cancel()  # its client went away
+            await anyio.sleep(0.05)
+            ctx.room.set()
+    assert [e.status for e in ctx.events if e.job == task] == [State.COMPLETED]
+    await provider.aclose()

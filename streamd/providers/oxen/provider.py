@@ -38,6 +38,8 @@ POLL_CONCURRENCY = 4
 # `base_interval`; only jobs missing from it (finished since, most likely) are asked one by one. 5,000
 # jobs polled one by one at the advised 2-5 s were ~1,100 requests a second.
 LIST_MODE_JOBS = 8
+LIST_TRIES = 3  # list failures in a row before polling one by one, for LIST_PAUSE seconds
+LIST_PAUSE = 60.0
 
 
 @dataclass
@@ -71,7 +73,8 @@ class OxenProvider(Provider):
         self._sweep_all = False  # set on (re)connect: re-poll everything at the next sweep
         self._last_list = -math.inf  # when the active list was last asked for (discovery)
         self._list_at = -math.inf  # when list mode last polled through it
-        self._list_broken_until = -math.inf  # after a failed list poll: one by one until then
+        self._list_broken_until = -math.inf  # after failed list polls: one by one until then
+        self._list_failures = 0
         self._sse_up = False
         self._connected_at = -math.inf  # when the event stream last came up
         self._auth_failed = False
@@ -199,11 +202,22 @@ class OxenProvider(Provider):
             and (everything or any(d.due <= now for d in self._schedule.values()))
         ):
             answered = await self._list_poll(ctx)
-            if answered is not None:
-                listed = answered
             if self._auth_failed or anyio.current_time() < self._hold_until:
                 self._sweep_all = self._sweep_all or everything  # the repair is still owed
                 return
+            if answered is not None:
+                listed, self._list_failures = answered, 0
+            else:
+                self._list_failures += 1
+                if self._list_failures < LIST_TRIES:
+                    # Ask the list again at the next round rather than every job by itself at once (for
+                    # thousands of jobs, the request storm list mode exists to avoid).
+                    for d in self._schedule.values():
+                        d.due = max(d.due, self._list_at + self.base_interval)
+                    self._sweep_all = self._sweep_all or everything
+                    return
+                self._list_failures = 0  # it keeps failing: one by one for a while (see _list_poll)
+                self._list_broken_until = self._list_at + LIST_PAUSE
             now = anyio.current_time()
         # After a (re)connect every job needs a poll that went out after it came up: one already
         # polled since then (the first sweep at start-up races the connection) is not asked twice, nor
@@ -244,8 +258,6 @@ class OxenProvider(Provider):
             payload = await self.client.active()
         except ProviderError as exc:
             await self._poll_error(ctx, exc)
-            if exc.code not in ("auth", "rate_limited"):  # those stop every poll; anything else: one by one
-                self._list_broken_until = sent + self.max_interval
             return None
         await self._poll_ok(ctx)
         observations = normalise.from_list(payload)

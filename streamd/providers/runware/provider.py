@@ -60,6 +60,7 @@ MAX_POLL_BATCH = 50  # getResponse tasks per request
 # so a provider slower to take events than Runware is to send them holds the socket back (its buffers
 # and TCP's) instead of piling readings up here.
 MAX_PENDING = 1024
+ABSORB_GRACE = 10.0  # seconds an absorb may outlive the cancellation of the task doing it
 
 
 @dataclass
@@ -351,8 +352,7 @@ class RunwareProvider(Provider):
                 async for message in ws:
                     self._last_rx = time.monotonic()
                     reading = self._read(message, Origin.PUSH)
-                    if reading.auth_error is not None:
-                        self._pending.remove(reading)
+                    if reading.auth_error is not None:  # (the absorber's last flush takes the rest of it)
                         self._auth_failed = f"Runware rejected the API key ({reading.auth_error})"
                         break
                     if len(self._pending) >= MAX_PENDING:
@@ -529,7 +529,11 @@ class RunwareProvider(Provider):
                 return
             readings = list(self._pending)
             self._pending.clear()
-            await self._absorb(ctx, readings)
+            # Shielded (time-boxed): these may be other tasks' readings, the socket's among them, and the
+            # normaliser has moved past them, so a caller cancelled now (a submit whose client went away)
+            # must not take them along.
+            with anyio.move_on_after(ABSORB_GRACE, shield=True):
+                await self._absorb(ctx, readings)
 
     async def _absorb(self, ctx: Context, readings: list[Reading]) -> None:
         now = time.monotonic()
