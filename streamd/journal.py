@@ -456,6 +456,9 @@ class Journal:
         """The stored rows of several of one provider's jobs, in one indexed read per 500 ids."""
         ids = list(jobs)
         out: dict[str, Job] = {}
+        # Rows held back, looked at before the store: one written and let go meanwhile is in the store then.
+        dirty = self._dirty
+        held = {job: row for job in ids if (row := dirty.get((provider, job))) is not None} if dirty else {}
         with self._rlock:
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
@@ -466,12 +469,8 @@ class Journal:
                 for job, body in rows:
                     if body:
                         out[str(job)] = job_decoder.decode(body)
-        dirty = self._dirty
-        if dirty:  # rows held back are newer than the store's
-            for job in ids:
-                held = dirty.get((provider, job))
-                if held is not None:
-                    out[job] = job_decoder.decode(held[4])
+        for job, row in held.items():  # newer than the store's
+            out[job] = job_decoder.decode(row[4])
         return out
 
     def job_keys(self) -> Iterable[tuple[str, str]]:
