@@ -558,42 +558,55 @@ def _floats(raw: bytes) -> array[float]:
 
 
 def _migrate(w: sqlite3.Connection) -> None:
-    """A journal from before chunks kept a row per event (`events`): its events move into chunks of
-    up to 1,024, in one transaction, the first time this version opens it."""
-    if w.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone() is None:
-        return
-    w.execute("BEGIN IMMEDIATE")
-    try:
-        rows = w.execute("SELECT seq, time, body FROM events ORDER BY seq")
-        run: list[tuple[int, float, bytes]] = []
+    """A journal from before chunks kept a row per event (`events`): the first time this version opens
+    it, its events move into chunks of up to 1,024, oldest first, MIGRATE_STEP events a transaction, each
+    step deleting what it moved and checkpointing: the freed pages take the next step's chunks, so the
+    file and the WAL stay about the journal's size, and a step cut short by a crash is taken up again at
+    the next start."""
+    while w.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone() is not None:
+        w.execute("BEGIN IMMEDIATE")
+        try:
+            rows = w.execute("SELECT seq, time, body FROM events ORDER BY seq LIMIT ?", (MIGRATE_STEP,)).fetchall()
+            if rows:
+                _move_events(w, rows)
+                w.execute("DELETE FROM events WHERE seq <= ?", (rows[-1][0],))
+            else:
+                w.execute("DROP TABLE events")
+            w.execute("COMMIT")
+        except BaseException:
+            w.execute("ROLLBACK")
+            raise
+        w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-        def flush() -> None:
-            bodies = [bytes(b) for _, _, b in run]
-            w.execute(
-                _CHUNK,
-                (
-                    run[0][0],
-                    run[-1][0],
-                    run[-1][1],
-                    array("d", (t for _, t, _ in run)).tobytes(),
-                    array("q", itertools.accumulate(map(len, bodies))).tobytes(),
-                    b"".join(bodies),
-                    None,  # (its job rows are in the store already)
-                ),
-            )
-            run.clear()
 
-        for seq, at, body in rows:  # (stepped: a journal of a million events does not fit in memory)
-            if run and (seq != run[-1][0] + 1 or len(run) >= 1024):
-                flush()
-            run.append((int(seq), float(at), body))
-        if run:
+MIGRATE_STEP = 65536
+
+
+def _move_events(w: sqlite3.Connection, rows: list[tuple[int, float, bytes]]) -> None:
+    run: list[tuple[int, float, bytes]] = []
+
+    def flush() -> None:
+        bodies = [bytes(b) for _, _, b in run]
+        w.execute(
+            _CHUNK,
+            (
+                run[0][0],
+                run[-1][0],
+                run[-1][1],
+                array("d", (t for _, t, _ in run)).tobytes(),
+                array("q", itertools.accumulate(map(len, bodies))).tobytes(),
+                b"".join(bodies),
+                None,  # (its job rows are in the store already)
+            ),
+        )
+        run.clear()
+
+    for seq, at, body in rows:
+        if run and (seq != run[-1][0] + 1 or len(run) >= 1024):
             flush()
-        w.execute("DROP TABLE events")
-        w.execute("COMMIT")
-    except BaseException:
-        w.execute("ROLLBACK")
-        raise
+        run.append((int(seq), float(at), body))
+    if run:
+        flush()
 
 
 @functools.lru_cache(maxsize=64)

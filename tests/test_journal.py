@@ -169,9 +169,13 @@ def test_trim_through_the_middle_of_chunks_keeps_their_newer_events(tmp_path: Pa
     assert [s for s, _ in again.read_after(3, 10)] == [4, 5, 6, 7, 8, 9]
 
 
-def test_a_journal_with_a_row_per_event_is_moved_into_chunks(tmp_path: Path) -> None:
-    """Journals written before chunks keep their events, seqs and epoch."""
+def test_a_journal_with_a_row_per_event_is_moved_into_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Journals written before chunks keep their events, seqs and epoch; the move goes in steps."""
     import sqlite3
+
+    import streamd.journal as journal_module
+
+    monkeypatch.setattr(journal_module, "MIGRATE_STEP", 1000)  # three steps for these 2,510 events
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
@@ -229,3 +233,28 @@ def test_job_rows_are_written_after_at_most_jobs_most_of_them(tmp_path: Path) ->
     assert max(held) < journal_module.JOBS_MOST and 0 < j.jobs_seq < j.last_seq  # written along the way
     assert j.counts() == (journal_module.JOBS_MOST + 100, 0)  # (a read writes what is held first)
     assert j.jobs_seq == j.last_seq and not j._dirty
+
+
+def test_a_move_into_chunks_cut_short_by_a_crash_is_finished_at_the_next_start(tmp_path: Path) -> None:
+    import sqlite3
+
+    import streamd.journal as journal_module
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY, time REAL NOT NULL, body BLOB NOT NULL);"
+        "INSERT INTO meta VALUES ('epoch', 'oldepoch');"
+    )
+    db.executemany("INSERT INTO events VALUES (?, ?, ?)", [(s, 1000.0 + s, b"e%d" % s) for s in range(1, 3001)])
+    db.executescript(journal_module.SCHEMA)
+    # what the first step of a move leaves behind if the daemon dies right after it
+    db.execute("BEGIN")
+    journal_module._move_events(db, db.execute("SELECT seq, time, body FROM events WHERE seq <= 1200").fetchall())
+    db.execute("DELETE FROM events WHERE seq <= 1200")
+    db.execute("COMMIT")
+    db.close()
+    j = Journal(path)
+    assert (j.oldest, j.last_seq) == (1, 3000)
+    assert j.read_after(0, 10_000) == [(s, b"e%d" % s) for s in range(1, 3001)]
