@@ -189,20 +189,16 @@ class Journal:
                 f"journal {self.path}: write failed: "
                 f"seqs {first}..{batch[-1].seq} do not follow {self.last_seq} one by one"
             )
-        bodies = list(map(_BODY, batch))
         # a job's last row in the batch is the one that counts
         jobs: dict[tuple[str, str], JobRow] = {
             a.job_key: (a.job_key[0], a.job_key[1], int(a.terminal), a.time, a.job_body)
             for a in batch
             if a.job_key is not None and a.job_body is not None
         }
-        chunk = (
+        chunk = _chunk_row(
             first,
-            first + n - 1,
-            batch[-1].time,
-            array("d", map(_TIME, batch)).tobytes(),
-            array("q", itertools.accumulate(map(len, bodies))).tobytes(),
-            b"".join(bodies),
+            array("d", map(_TIME, batch)),
+            list(map(_BODY, batch)),
             _rows_encoder.encode(list(jobs.values())) if jobs else None,
         )
         with self._wlock:
@@ -262,10 +258,7 @@ class Journal:
             return
         try:
             self._w.execute("BEGIN IMMEDIATE")
-            if self._dirty:
-                self._store_jobs(self._dirty, self.last_seq)
-            else:  # nothing held back: the store is complete up to the newest event
-                self._w.execute("INSERT OR REPLACE INTO meta VALUES ('jobs_seq', ?)", (str(self.last_seq),))
+            self._store_jobs(self._dirty, self.last_seq)  # (none held back: the seq alone moves on)
             self._w.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._w.in_transaction:
@@ -281,24 +274,13 @@ class Journal:
         self._w.execute("INSERT OR REPLACE INTO meta VALUES ('jobs_seq', ?)", (str(seq),))
 
     def _recover_jobs(self) -> None:
-        """After a crash: the job rows of the chunks after `jobs_seq`, the newest per job, into the store."""
-        rows: dict[tuple[str, str], JobRow] = {}
+        """After a crash: the job rows of the chunks after `jobs_seq`, the newest per job, into the store
+        (held back, as if just appended, and written)."""
         for (blob,) in self._w.execute(
             "SELECT jobs FROM chunks WHERE first > ? AND jobs IS NOT NULL ORDER BY first", (self.jobs_seq,)
         ):
-            for row in _rows_decoder.decode(blob):
-                rows[(row[0], row[1])] = row
-        self._w.execute("BEGIN IMMEDIATE")
-        try:
-            if rows:
-                self._store_jobs(rows, self.last_seq)
-            else:
-                self._w.execute("INSERT OR REPLACE INTO meta VALUES ('jobs_seq', ?)", (str(self.last_seq),))
-            self._w.execute("COMMIT")
-        except BaseException:
-            self._w.execute("ROLLBACK")
-            raise
-        self.jobs_seq = self.last_seq
+            self._dirty.update(((row[0], row[1]), row) for row in _rows_decoder.decode(blob))
+        self._flush_jobs()
 
     def _trim(self, now: float | None = None) -> int:
         self._appends_since_trim = 0
@@ -416,7 +398,7 @@ class Journal:
             self._r.execute("BEGIN")
             try:
                 # the seq the store is complete up to, written with the rows: the two agree
-                seq = int(self._meta_r("jobs_seq") or self._meta_r("last_seq") or 0)
+                seq = int(self._meta_r("jobs_seq") or 0)
                 live = self._r.execute("SELECT body FROM jobs WHERE terminal = 0 AND body != x''").fetchall()
                 done = self._r.execute(
                     "SELECT body FROM jobs WHERE terminal = 1 ORDER BY updated DESC LIMIT ?", (finished,)
@@ -582,23 +564,29 @@ def _migrate(w: sqlite3.Connection) -> None:
 MIGRATE_STEP = 65536
 
 
+ChunkRow = tuple[int, int, float, bytes, bytes, bytes, bytes | None]  # the columns of `chunks`, in order
+
+
+def _chunk_row(first: int, times: array[float], bodies: list[bytes], jobs: bytes | None) -> ChunkRow:
+    """The `chunks` row of consecutive events from seq `first`: their times and bodies, and the job rows."""
+    return (
+        first,
+        first + len(bodies) - 1,
+        times[-1],
+        times.tobytes(),
+        array("q", itertools.accumulate(map(len, bodies))).tobytes(),
+        b"".join(bodies),
+        jobs,
+    )
+
+
 def _move_events(w: sqlite3.Connection, rows: list[tuple[int, float, bytes]]) -> None:
     run: list[tuple[int, float, bytes]] = []
 
     def flush() -> None:
-        bodies = [bytes(b) for _, _, b in run]
-        w.execute(
-            _CHUNK,
-            (
-                run[0][0],
-                run[-1][0],
-                run[-1][1],
-                array("d", (t for _, t, _ in run)).tobytes(),
-                array("q", itertools.accumulate(map(len, bodies))).tobytes(),
-                b"".join(bodies),
-                None,  # (its job rows are in the store already)
-            ),
-        )
+        times = array("d", (t for _, t, _ in run))
+        # (its job rows are in the store already)
+        w.execute(_CHUNK, _chunk_row(run[0][0], times, [bytes(b) for _, _, b in run], None))
         run.clear()
 
     for seq, at, body in rows:
