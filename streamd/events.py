@@ -276,17 +276,21 @@ _SECRET_IN_TEXT = re.compile(
 )
 
 
-def scrub_text(text: str) -> str:
-    """`text` with the value of every secret-named field in it replaced."""
-    low = text.lower()  # every secret key holds one of these words: most text is passed over cheaply
-    if (
+def _names_a_secret(low: str) -> bool:
+    """Whether lower-cased `low` holds one of the words every secret key holds (most text does not)."""
+    return (
         "key" in low
         or "token" in low
         or "secret" in low
         or "signature" in low
         or "password" in low
         or "authorization" in low
-    ):
+    )
+
+
+def scrub_text(text: str) -> str:
+    """`text` with the value of every secret-named field in it replaced."""
+    if _names_a_secret(text.lower()):  # most text is passed over cheaply
         return _SECRET_IN_TEXT.sub(r'\1"[redacted]"', text)
     return text
 
@@ -307,15 +311,7 @@ def is_clean(text: str | bytes) -> bool:
             text = text.decode("ascii")
     if "\\u" in text or text.count("{") + text.count("[") > 32:
         return False
-    low = text.lower()
-    return not (
-        "key" in low
-        or "token" in low
-        or "secret" in low
-        or "signature" in low
-        or "password" in low
-        or "authorization" in low
-    )
+    return not _names_a_secret(text.lower())
 
 
 def scrub_decoded(value: Any, text: str | bytes) -> Any:
