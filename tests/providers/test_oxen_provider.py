@@ -64,6 +64,17 @@ async def oxen(
                 await provider.aclose()
 
 
+async def submit_pairs(provider: OxenProvider, ctx: RecordingContext, pairs: int, prompt: str) -> list[str]:
+    """`pairs` enqueues of two generations each, for many unfinished jobs at once; their ids."""
+    return [
+        job
+        for k in range(pairs)
+        for job in await provider.submit(
+            ctx, SubmitRequest(model=MODEL, prompt=f"{prompt} {k} [ok]", options={"num_generations": 2})
+        )
+    ]
+
+
 def state_events(ctx: RecordingContext, job: str, state: State) -> list[Any]:
     return [e for e in ctx.events if e.job == job and e.kind is Kind.STATE and e.status is state]
 
@@ -366,13 +377,7 @@ async def test_many_jobs_are_polled_through_the_active_list_and_a_finished_one_b
     SSE lost its event) is asked for by itself and completes with its outputs."""
     async with oxen(paused=True, poll=0.2) as (emu, provider, ctx):
         await connected(ctx)
-        jobs = [
-            job
-            for k in range(5)
-            for job in await provider.submit(
-                ctx, SubmitRequest(model=MODEL, prompt=f"list {k} [ok]", options={"num_generations": 2})
-            )
-        ]
+        jobs = await submit_pairs(provider, ctx, 5, "list")
         assert len(jobs) == 10 >= LIST_MODE_JOBS
         lists = len(emu.requests("GET", "/api/ai/queue"))
         emu.force(jobs[0], "processing")
@@ -396,13 +401,7 @@ async def test_a_failing_list_is_asked_again_and_only_then_each_job_by_itself() 
     is the storm list mode avoids); after LIST_TRIES failures in a row the jobs are polled one by one."""
     async with oxen(paused=True, poll=0.2) as (emu, provider, ctx):
         await connected(ctx)
-        jobs = [
-            job
-            for k in range(4)
-            for job in await provider.submit(
-                ctx, SubmitRequest(model=MODEL, prompt=f"fall {k} [ok]", options={"num_generations": 2})
-            )
-        ]
+        jobs = await submit_pairs(provider, ctx, 4, "fall")
         lists = len(emu.requests("GET", "/api/ai/queue"))
         emu.faults.error_status, emu.faults.error_count = 500, 1  # the next request (a list) fails
         with anyio.fail_after(20):

@@ -73,6 +73,23 @@ def request(prompt: str, **options: Any) -> SubmitRequest:
     return SubmitRequest(model=MODEL, prompt=prompt, options=options)
 
 
+def submitted_elsewhere(emu: RunwareEmulator, task: str, prompt: str, *, results: int) -> list[dict[str, Any]]:
+    """A REST request as another client of the account would send it, written out by hand (not with
+    streamd's own client code)."""
+    return [
+        {"taskType": "authentication", "apiKey": emu.key},
+        {
+            "taskType": "imageInference",
+            "taskUUID": task,
+            "model": MODEL,
+            "positivePrompt": prompt,
+            "numberResults": results,
+            "deliveryMethod": "async",
+            "includeCost": True,
+        },
+    ]
+
+
 def states(ctx: RecordingContext, job: str, state: State) -> list[EventData]:
     return [e for e in ctx.events if e.job == job and e.kind is Kind.STATE and e.status is state]
 
@@ -246,18 +263,7 @@ async def test_track_follows_a_task_submitted_elsewhere() -> None:
     with anyio.fail_after(30):
         async with running(emu) as (provider, ctx):
             task = str(uuid.uuid4())
-            body = [
-                {"taskType": "authentication", "apiKey": emu.key},
-                {
-                    "taskType": "imageInference",
-                    "taskUUID": task,
-                    "model": MODEL,
-                    "positivePrompt": "[ok] watercolour archipelago",
-                    "numberResults": 2,
-                    "deliveryMethod": "async",
-                    "includeCost": True,
-                },
-            ]
+            body = submitted_elsewhere(emu, task, "[ok] watercolour archipelago", results=2)
             async with httpx.AsyncClient() as http:
                 answer = await http.post(provider.settings.base_url, json=body)
             assert answer.status_code == 200 and answer.json()["data"][0]["taskUUID"] == task
@@ -365,17 +371,7 @@ async def test_a_task_polled_just_before_the_socket_came_up_is_not_asked_again_a
         async with anyio.create_task_group() as tg:
             await tg.start(emu.serve)
             task = str(uuid.uuid4())
-            body = [
-                {"taskType": "authentication", "apiKey": emu.key},
-                {
-                    "taskType": "imageInference",
-                    "taskUUID": task,
-                    "model": MODEL,
-                    "positivePrompt": "[ok] a lighthouse",
-                    "numberResults": 1,
-                    "deliveryMethod": "async",
-                },
-            ]
+            body = submitted_elsewhere(emu, task, "[ok] a lighthouse", results=1)
             async with httpx.AsyncClient() as http:
                 assert (await http.post(emu.settings().base_url, json=body)).status_code == 200
             ctx = RecordingContext("runware")
