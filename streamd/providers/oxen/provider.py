@@ -254,14 +254,9 @@ class OxenProvider(Provider):
         (their next poll is scheduled as a job's own poll would), or None if it failed."""
         sent = anyio.current_time()
         self._list_at = self._last_list = sent
-        try:
-            payload = await self.client.active()
-        except ProviderError as exc:
-            await self._poll_error(ctx, exc)
+        observations = await self._read_list(ctx)
+        if observations is None:
             return None
-        await self._poll_ok(ctx)
-        observations = normalise.from_list(payload)
-        await ctx.emit(*observations)
         now = anyio.current_time()
         answered: set[str] = set()
         for obs in observations:
@@ -273,14 +268,21 @@ class OxenProvider(Provider):
         return answered
 
     async def _poll_list(self, ctx: Context, limiter: anyio.CapacityLimiter) -> None:
+        """Discovery (and the after-connect look at the list) while jobs are polled one by one."""
         async with limiter:
-            try:
-                payload = await self.client.active()
-            except ProviderError as exc:
-                await self._poll_error(ctx, exc)
-                return
+            await self._read_list(ctx)
+
+    async def _read_list(self, ctx: Context) -> list[Observation] | None:
+        """`GET /api/ai/queue`, its observations emitted and returned; None (and reported) if it failed."""
+        try:
+            payload = await self.client.active()
+        except ProviderError as exc:
+            await self._poll_error(ctx, exc)
+            return None
         await self._poll_ok(ctx)
-        await ctx.emit(*normalise.from_list(payload))
+        observations = normalise.from_list(payload)
+        await ctx.emit(*observations)
+        return observations
 
     async def _poll_job(self, ctx: Context, job_id: str, limiter: anyio.CapacityLimiter) -> None:
         entry = self._schedule.get(job_id)
