@@ -1,12 +1,18 @@
 """The baselines: a bare httpx-sse read loop and a bare websockets read loop of the firehose.
 
-    .venv/bin/python bench/bare.py sse|ws URL --count N [--latency] [--idle SECONDS]
+    .venv/bin/python bench/bare.py sse|ws URL --count N [--latency] [--idle SECONDS] [--journal DIR]
 
 Prints `{"ready": true}` once connected (and, for ws, authenticated), then reads until `count`
 events have arrived and prints one JSON result: events, first/last arrival (CLOCK_MONOTONIC ns),
 process CPU seconds spent from ready to the last event, and with --latency the per-event delays
 from the emulator's write (`sent_ns`) to this read. --idle holds the connection for that long
 without expecting events (the idle baseline). Stops by itself after --timeout seconds.
+
+--journal is the floor: the read loop plus only what no daemon can leave out, each event's job id
+decoded and the event and its job's row written to streamd's own journal in DIR, as the daemon
+writes them (its batches, in a worker thread, with its checkpoints and held-back job rows), with
+bodies of the daemon's sizes. No normalising, lifecycle, envelope or fan-out: what this costs per
+event is the least any daemon built on these libraries and this journal could cost.
 """
 
 from __future__ import annotations
@@ -16,12 +22,21 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+import msgspec
 from httpx_sse import aconnect_sse
 from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from streamd.journal import CHECKPOINT_EVERY, Append, Journal  # noqa: E402
+from streamd.pipeline import BATCH  # noqa: E402
 
 SENT = re.compile(r'"sent_ns":(\d+)')
 
@@ -31,10 +46,55 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+EVENT_BYTES = 843  # the size of the daemon's journaled body for one of these events (CloudEvent JSON)
+JOB_BYTES = 386  # and of the job row it leaves behind
+_decode = msgspec.json.Decoder().decode
+
+
+class Floor:
+    """Each event's job id decoded, and the event and its job's row journaled as the daemon does."""
+
+    def __init__(self, directory: Path, kind: str) -> None:
+        self.journal = Journal(directory / "floor.sqlite3")
+        self.kind = kind
+        self.pending: list[Append] = []
+        self.seq = 0
+        self.limiter = anyio.CapacityLimiter(1)
+        self.checked = time.monotonic()
+
+    def job(self, text: str) -> str:
+        value = _decode(text)
+        return str(value["generation_id"] if self.kind == "sse" else value["data"][0]["taskUUID"])
+
+    async def add(self, text: str, last: bool) -> None:
+        self.seq += 1
+        raw = text.encode()
+        body = raw + b" " * (EVENT_BYTES - len(raw))  # (the data is in the daemon's body too)
+        row = b"j" * JOB_BYTES
+        self.pending.append(Append(self.seq, time.time(), body, (self.kind, self.job(text)), row, True, None))
+        if last:
+            self.checked = 0.0  # the last batch and its checkpoint count too
+        if len(self.pending) >= BATCH or last:
+            await self.write()
+
+    async def write(self) -> None:
+        batch, self.pending = self.pending, []
+        if batch:
+            await anyio.to_thread.run_sync(self.journal.append, batch, limiter=self.limiter)
+        if time.monotonic() - self.checked >= CHECKPOINT_EVERY:
+            self.checked = time.monotonic()
+            await anyio.to_thread.run_sync(self.catch_up, limiter=self.limiter)
+
+    def catch_up(self) -> None:
+        self.journal.flush_jobs()
+        self.journal.checkpoint()
+
+
 class Reader:
-    def __init__(self, count: int, latency: bool) -> None:
+    def __init__(self, count: int, latency: bool, floor: Floor | None = None) -> None:
         self.count = count
         self.latency = latency
+        self.floor = floor
         self.n = 0
         self.first_ns = 0
         self.last_ns = 0
@@ -75,8 +135,11 @@ async def sse(url: str, reader: Reader, idle: float) -> None:
             await _idle(source.aiter_sse(), idle)
             return
         async for event in source.aiter_sse():
-            if event.event == "media_generation_completed" and reader.got(event.data):
-                return
+            if event.event == "media_generation_completed":
+                if reader.floor is not None:
+                    await reader.floor.add(event.data, reader.n + 1 >= reader.count)
+                if reader.got(event.data):
+                    return
 
 
 async def ws(url: str, reader: Reader, idle: float) -> None:
@@ -88,7 +151,10 @@ async def ws(url: str, reader: Reader, idle: float) -> None:
             await _idle(conn, idle)
             return
         async for message in conn:
-            if reader.got(message if isinstance(message, str) else message.decode()):
+            text = message if isinstance(message, str) else message.decode()
+            if reader.floor is not None:
+                await reader.floor.add(text, reader.n + 1 >= reader.count)
+            if reader.got(text):
                 return
 
 
@@ -106,8 +172,10 @@ async def main() -> None:
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--idle", type=float, default=0.0)
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--journal", type=Path, default=None, help="the floor: also journal each event in DIR")
     args = ap.parse_args()
-    reader = Reader(args.count, args.latency)
+    floor = Floor(args.journal, args.kind) if args.journal is not None else None
+    reader = Reader(args.count, args.latency, floor)
     with anyio.move_on_after(args.timeout):
         await (sse if args.kind == "sse" else ws)(args.url, reader, args.idle)
     emit(reader.result())

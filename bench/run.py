@@ -420,11 +420,14 @@ class Bench:
             emu.stop()
 
     # -- throughput, cost per event, slow subscriber ----------------------------------------------------
-    def bare_throughput(self, channel: str) -> tuple[float, float]:
+    def bare_throughput(self, channel: str, *, floor: bool = False) -> tuple[float, float]:
+        """The bare read loop's events/s and CPU seconds per event; with `floor`, the loop that also
+        journals each event (bench/bare.py --journal): the least any daemon on this journal could cost."""
         with self.workdir() as tmp:
             emu = Emulator(tmp)
             try:
-                bare = Bare(channel, emu, tmp, count=self.p.count, timeout=self.p.timeout)
+                kw: dict[str, Any] = {"journal": tmp / "floor"} if floor else {}
+                bare = Bare(channel, emu, tmp, count=self.p.count, timeout=self.p.timeout, **kw)
                 emu.start(self.p.count, channel, ids=self.p.ids)
                 res = bare.result(self.p.timeout + 30)
                 start = emu.stats()["started_ns"][channel]
@@ -478,7 +481,21 @@ class Bench:
             )
             fc.base.append(base_cpu)
             fc.daemon.append(cpu)
-            self.say(f"{label}: bare {base_rate:,.0f} ev/s, daemon {rate:,.0f} ev/s; cpu {cpu * 1e6:.2f} µs/ev")
+            _, floor_cpu = self.bare_throughput(channel, floor=True)
+            ff = self.fig(
+                f"floor-{channel}",
+                f"  floor: read + journal only, {label} (CPU µs)",
+                "µs/ev",
+                "≤ 3 x bare",
+                lambda d, b: d <= 3 * b,
+                base_name=f"bare {lib} loop",
+            )
+            ff.base.append(base_cpu)
+            ff.daemon.append(floor_cpu)
+            self.say(
+                f"{label}: bare {base_rate:,.0f} ev/s, daemon {rate:,.0f} ev/s; cpu {cpu * 1e6:.2f} µs/ev "
+                f"(floor {floor_cpu * 1e6:.2f})"
+            )
         base = self.figs["tp1-sse"].base[-1]
         rate10, _, _ = self.daemon_throughput("sse", 10)
         f10 = self.fig(
