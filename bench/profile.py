@@ -30,7 +30,11 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     ap.add_argument("--out", default="/tmp/streamd-profile.txt")
     ap.add_argument("--top", type=int, default=40)
-    ap.add_argument("--spy", default="", help="extra py-spy flags, e.g. '--gil' or '--idle --threads'")
+    ap.add_argument(
+        "--spy",
+        default="",
+        help="extra py-spy flags, after '=' as they start with dashes: --spy=--gil, --spy='--idle --threads'",
+    )
     args = ap.parse_args()
     spy = shutil.which("py-spy") or str(Path(PY).with_name("py-spy"))
     with tempfile.TemporaryDirectory(prefix="streamd-profile-") as tmpdir:
