@@ -8,6 +8,7 @@ every enabled provider past its first connection attempt.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -120,6 +121,7 @@ async def _serve(
     async with anyio.create_task_group() as tg:
         await tg.start(daemon.run)
         _notify(notifier, "ready", _status(daemon))
+        settle()
         interval = watchdog_interval()
         if notifier is not None and interval is not None:
             heartbeat = Heartbeat(max_age=interval * 1.5)
@@ -133,11 +135,25 @@ async def _serve(
                     _notify(notifier, "reloading", "reloading configuration")
                     await _reload(daemon, config_path, socket, state_dir)
                     _notify(notifier, "ready", _status(daemon))
+                    settle()
                     continue
                 log.info("%s: stopping", signal.Signals(signum).name)
                 _notify(notifier, "stopping", "stopping")
                 tg.cancel_scope.cancel()
                 break
+
+
+def settle() -> None:
+    """Put what start-up (or a reload) built out of the garbage collector's sight, once it is built.
+
+    Modules, classes, functions and the running configuration (~45,000 objects) live as long as the
+    process, yet every full collection walked them all: a 15 to 40 ms stop of the event loop, once or
+    twice in each 5-second run of the latency bench, which was the tail of its p99. Frozen, a full
+    collection walks only what came after them. Collected first, so no garbage is frozen with them;
+    unfrozen first, so what a reload replaced is collected, not kept for ever."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 async def _reload(daemon: Daemon, config_path: str | None, socket: str | None, state_dir: str | None) -> None:

@@ -188,3 +188,30 @@ async def test_socket_activation_and_credentials(short_tmp: Path) -> None:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+def test_settle_freezes_what_start_up_built_and_frees_what_a_reload_replaced() -> None:
+    """`streamd run` freezes its start-up objects once READY (full collections stop walking them); a
+    reload settles again, and must not keep what it replaced for ever."""
+    import gc
+    import weakref
+
+    from streamd.service import settle
+
+    class Provider:  # stands for start-up state in a reference cycle, as objects with callbacks are
+        def __init__(self) -> None:
+            self.me = self
+
+    built = Provider()
+    ref = weakref.ref(built)
+    try:
+        settle()
+        assert gc.get_freeze_count() > 0
+        del built  # replaced by a reload
+        gc.collect()
+        assert ref() is not None, "frozen objects are out of the collector's sight"
+        settle()  # after the reload
+        assert ref() is None, "what the reload replaced was frozen for ever"
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
