@@ -150,7 +150,9 @@ def settle() -> None:
     process, yet every full collection walked them all: a 15 to 40 ms stop of the event loop, once or
     twice in each 5-second run of the latency bench, which was the tail of its p99. Frozen, a full
     collection walks only what came after them. Collected first, so no garbage is frozen with them;
-    unfrozen first, so what a reload replaced is collected, not kept for ever."""
+    unfrozen first, so what a reload replaced is collected, not kept for ever. What is frozen here and
+    later dropped in a reference cycle (the first connections' objects, once replaced) waits for the
+    next reload: a one-off amount, since nothing made after this call is frozen."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
