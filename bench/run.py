@@ -426,7 +426,7 @@ class Bench:
         with self.workdir() as tmp:
             emu = Emulator(tmp)
             try:
-                kw: dict[str, Any] = {"journal": tmp / "floor"} if floor else {}
+                kw: dict[str, Any] = {"journal": tmp / "floor", "root": TREE or ROOT} if floor else {}
                 bare = Bare(channel, emu, tmp, count=self.p.count, timeout=self.p.timeout, **kw)
                 emu.start(self.p.count, channel, ids=self.p.ids)
                 res = bare.result(self.p.timeout + 30)

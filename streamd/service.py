@@ -147,12 +147,14 @@ def settle() -> None:
     """Put what start-up (or a reload) built out of the garbage collector's sight, once it is built.
 
     Modules, classes, functions and the running configuration (~45,000 objects) live as long as the
-    process, yet every full collection walked them all: a 15 to 40 ms stop of the event loop, once or
-    twice in each 5-second run of the latency bench, which was the tail of its p99. Frozen, a full
-    collection walks only what came after them. Collected first, so no garbage is frozen with them;
-    unfrozen first, so what a reload replaced is collected, not kept for ever. What is frozen here and
-    later dropped in a reference cycle (the first connections' objects, once replaced) waits for the
-    next reload: a one-off amount, since nothing made after this call is frozen."""
+    process, yet every full collection walked them all: under the latency bench's load, a 15 to 40 ms
+    stop of the event loop once or twice in each 5-second run (the walk, and the process descheduled
+    during it), which was the tail of its p99. Frozen, a full collection walks only what came after
+    them. This call's own collection is one such stop, right after READY or a reload. Collected first,
+    so no garbage is frozen with them; unfrozen first, so what a reload replaced is collected, not kept
+    for ever. What is frozen here and later dropped in a reference cycle (the first connections'
+    objects, once replaced), and what it refers to, waits for the next reload: a one-off amount, since
+    nothing made after this call is frozen."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()

@@ -3,11 +3,14 @@ socket activation, credentials, against the Oxen emulator on loopback."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import signal
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,8 +19,12 @@ import anyio
 import pytest
 from anyio.abc import Process
 
+from streamd import service
+from streamd.config import Config, DaemonFile
+from streamd.daemon import Daemon
 from streamd.emulators.oxen import OxenEmulator
 from streamd.feed.client import FeedClient
+from tests.support import ScriptedProvider
 
 pytestmark = pytest.mark.anyio
 
@@ -191,12 +198,8 @@ async def test_socket_activation_and_credentials(short_tmp: Path) -> None:
 
 
 def test_settle_freezes_what_start_up_built_and_frees_what_a_reload_replaced() -> None:
-    """`streamd run` freezes its start-up objects once READY (full collections stop walking them); a
-    reload settles again, and must not keep what it replaced for ever."""
-    import gc
-    import weakref
-
-    from streamd.service import settle
+    """Full collections stop walking what start-up built; a reload settles again, and must not keep
+    what it replaced for ever."""
 
     class Provider:  # stands for start-up state in a reference cycle, as objects with callbacks are
         def __init__(self) -> None:
@@ -205,13 +208,38 @@ def test_settle_freezes_what_start_up_built_and_frees_what_a_reload_replaced() -
     built = Provider()
     ref = weakref.ref(built)
     try:
-        settle()
+        service.settle()
         assert gc.get_freeze_count() > 0
         del built  # replaced by a reload
         gc.collect()
         assert ref() is not None, "frozen objects are out of the collector's sight"
-        settle()  # after the reload
+        service.settle()  # after the reload
         assert ref() is None, "what the reload replaced was frozen for ever"
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+async def test_serve_settles_once_ready_and_after_each_reload(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`streamd run` settles once READY is sent and again after each SIGHUP reload (signals come from a
+    stream here, not from the test process's own signal handlers)."""
+    notified: list[str] = []
+    settled, settles = anyio.create_memory_object_stream[str](4)  # what _notify had said when settle ran
+    monkeypatch.setattr(service, "settle", lambda: settled.send_nowait(notified[-1] if notified else "nothing"))
+    monkeypatch.setattr(service, "_notify", lambda _notifier, method, *args: notified.append(method))
+    send, receive = anyio.create_memory_object_stream[int](4)
+    monkeypatch.setattr(service.anyio, "open_signal_receiver", lambda *_: contextlib.nullcontext(receive))
+    config = short_tmp / "streamd.toml"
+    config.write_text(f'[daemon]\nsocket = "{short_tmp / "feed.sock"}"\nstate_dir = "{short_tmp / "state"}"\n')
+    cfg = Config(socket=short_tmp / "feed.sock", state_dir=short_tmp / "state", providers={}, daemon=DaemonFile())
+    daemon = Daemon(cfg, providers={"oxen": ScriptedProvider()})
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(service._serve, daemon, None, str(config), None, None)
+            assert await settles.receive() == "ready"
+            await send.send(signal.SIGHUP)
+            assert await settles.receive() == "ready"  # the second READY, after the reload
+            await send.send(signal.SIGTERM)  # _serve returns, and the task group with it
+    with pytest.raises(anyio.WouldBlock):
+        settles.receive_nowait()  # no more than those two
+    assert notified == ["ready", "reloading", "ready", "stopping"]
