@@ -321,6 +321,36 @@ def test_items_survive_a_restart() -> None:
     assert parse_items("not json") == [] and parse_items('[["k", 3, "x"], 7]') == [Item("k", None, None)]
 
 
+@pytest.mark.parametrize("pushed", [["result_seedream.json"], ["result_seedream.json", "result_seedream_second.json"]])
+def test_a_task_restored_without_its_size_completes_only_once_getresponse_sizes_it(pushed: list[str]) -> None:
+    """A task killed before its numberResults was stored is restored unsized. A resumed session may
+    push its items before the first getResponse: counted against Runware's default of one image, the
+    first of two completed it, and the second became a log line after the end."""
+    norm = Normaliser()
+    norm.expect(T, number_results=None, unsized=True)
+    seen = [o for name in pushed for o in norm.feed(frame(name), Origin.PUSH).observations]
+    assert [o.kind for o in seen] == [Kind.PROGRESS] * len(pushed)
+    assert [o.progress.step if o.progress else None for o in seen] == list(range(1, len(pushed) + 1))
+    assert all(o.progress is not None and o.progress.steps is None for o in seen)  # of a number not known
+    reading = norm.feed(frame("getresponse_success.json"), Origin.POLL)  # two generations, both done
+    completed = [o for o in reading.observations if o.kind is Kind.STATE]
+    assert [o.state for o in completed] == [State.COMPLETED]
+    assert len(completed[0].outputs) == 2 and completed[0].cost == pytest.approx(0.06)
+    assert completed[0].progress is not None and (completed[0].progress.step, completed[0].progress.steps) == (2, 2)
+    assert reading.finished == {T}
+    assert not [o for o in reading.observations if o.kind is Kind.LOG]
+
+
+def test_a_partial_getresponse_sizes_an_unsized_task() -> None:
+    norm = Normaliser()
+    norm.expect(T, number_results=None, unsized=True)
+    reading = norm.feed(frame("getresponse_partial.json"), Origin.POLL)  # one of two done
+    assert [o.kind for o in reading.observations if o.kind is not Kind.STATE] == [Kind.PROGRESS]
+    assert norm.batches[T].expected == 2 and not norm.batches[T].unsized
+    [done] = norm.feed(frame("result_seedream_second.json"), Origin.PUSH).observations
+    assert done.state is State.COMPLETED and len(done.outputs) == 2
+
+
 def test_finished_batches_are_kept_for_duplicates_but_bounded() -> None:
     norm = Normaliser(keep_finished=1)
     norm.expect(A, number_results=1)

@@ -361,6 +361,42 @@ async def test_a_restarted_daemon_resumes_the_remembered_session() -> None:
             tg.cancel_scope.cancel()
 
 
+async def test_a_task_restored_without_its_size_is_not_completed_by_its_first_image() -> None:
+    """Killed after a submit was acknowledged but before its numberResults was stored: the restarted
+    daemon resumes the session (another job's follow-up data names it), which pushes the task's first
+    image. Counted against Runware's default of one image, that completed a two-image task. (Whichever
+    comes first, that push or the restored task's first getResponse, the job completes once, with both
+    images; the normaliser's tests pin the push-first order, which this run may or may not take.)"""
+    emu = RunwareEmulator(speed=20, seed=11)
+    ctx = RecordingContext("runware")  # survives the provider, as the journal's job store would
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(emu.serve)
+            async with running(emu, ctx=ctx) as (first, _):
+                emu.faults.paused = True
+                await first.submit(ctx, request("[ok] a lighthouse at dusk", numberResults=2))
+                [job] = await first.submit(ctx, request("[ok] old fisherman portrait", numberResults=2))
+            del ctx.follows[job]  # the kill came before it was stored
+            emu.force(job, items=1)  # arrives while no daemon runs: buffered for the session
+            async with running(emu, ctx=ctx):
+                await ctx.wait_for(lambda: steps(ctx, job) == [1])
+                assert not states(ctx, job, State.COMPLETED)
+                emu.force(job)
+                await ctx.wait_for(terminal(ctx, job))
+                assert_matches_truth(ctx, emu, job)
+                assert emu.resumed == 1
+            tg.cancel_scope.cancel()
+
+
+def test_a_job_restored_without_its_number_of_results_is_unsized() -> None:
+    provider = RunwareProvider(settings_for(RunwareEmulator()))
+    lost, kept = (Job(provider="runware", job=str(uuid.uuid4()), status=State.QUEUED) for _ in range(2))
+    provider._adopt(lost, {}, 0.0)
+    provider._adopt(kept, {"numberResults": "3", "via": "ws", "session": "s"}, 0.0)
+    sized = {task: (b.unsized, b.expected) for task, b in provider._norm.batches.items()}
+    assert sorted(sized.values()) == [(False, 3), (True, None)]
+
+
 async def test_a_task_polled_just_before_the_socket_came_up_is_not_asked_again_at_once() -> None:
     """After a restart the first sweep goes over REST while the socket is still down; the socket's
     after-connect repair then waits for the advised interval instead of asking again within ms."""

@@ -13,10 +13,13 @@ Mapping (lifecycle.md, and the choices where Runware's docs are vague):
 | acknowledgement of an async task (`imageInference` echo with no result) | QUEUED, origin request |
 | getResponse `queued` / `waiting` / `scheduled` | QUEUED (the generation has not started) |
 | getResponse `processing`, and `pending` (the older docs' name for the same thing) | RUNNING |
-| a result item (pushed, or getResponse `success`) | PROGRESS (items in / numberResults); COMPLETED once all are in |
+| a result item (pushed, or getResponse `success`) | PROGRESS (items in / numberResults), COMPLETED when all are in(*) |
 | getResponse `error`, an `errors[]` entry, a legacy `error` frame naming the task | FAILED with the message |
 | `errors[]` with a not-found code | DIAGNOSTIC (the task is unknown upstream; no state) |
 | anything else | DIAGNOSTIC, never dropped, never a crash |
+
+(*): a task restored after a crash that lost its numberResults is unsized: its items are PROGRESS with no
+total, and it completes only once getResponse, which lists every generation, has said how many.
 
 COMPLETED carries every output URL and the summed `cost`. Items are keyed by `imageUUID`, so an
 item delivered twice (resumed session and getResponse repair) counts once, and COMPLETED is
@@ -65,6 +68,9 @@ class Batch:
 
     task: str
     expected: int | None = None  # numberResults; None until known (a task tracked from elsewhere)
+    # Its size is unknown and must come from getResponse, not from Runware's default of one: a task this
+    # daemon submitted and followed, restored after a crash that lost its numberResults.
+    unsized: bool = False
     model: str | None = None
     prompt: str | None = None
     items: dict[str, Item] = field(default_factory=dict)  # (add them with `add`)
@@ -198,12 +204,15 @@ class Normaliser:
         model: str | None = None,
         prompt: str | None = None,
         items: Iterable[Item] = (),
+        unsized: bool = False,
     ) -> Batch:
         batch = self.batches.get(task)
         if batch is None:
             batch = self.batches[task] = Batch(task)
         if number_results is not None:
             batch.expected = number_results
+        elif unsized and batch.expected is None:
+            batch.unsized = True
         batch.model = model or batch.model
         batch.prompt = prompt or batch.prompt
         for item in items:
@@ -311,6 +320,7 @@ class Normaliser:
         reading.heard.add(task)
         if batch.expected is None or batch.expected < len(entries):
             batch.expected = len(entries)
+        batch.unsized = False  # (one entry per generation: now it is known)
         successes: list[dict[str, Any]] = []
         running: dict[str, Any] | None = None
         queued: dict[str, Any] | None = None
@@ -357,22 +367,37 @@ class Normaliser:
             if not batch.add(Item(key, _str(entry.get("imageURL")), _cost(entry.get("cost")))):
                 continue  # delivered twice (resume buffer and repair poll): counted once
             reading.new_items.add(task)
-            done = len(batch.items)
             if batch.done:
                 reading.observations.append(
                     self._obs(batch, Kind.LOG, upstream, origin, entry, message="result item after the task ended")
                 )
                 continue
-            total = batch.total
-            percent = round(100.0 * min(done, total) / total, 2)
-            progress = Progress(percent=percent, step=done, steps=total)
-            if done >= total:
-                self._end(batch, reading)
+            if not self._complete(batch, upstream, origin, entry, reading):
                 reading.observations.append(
-                    self._obs(batch, Kind.STATE, upstream, origin, entry, state=State.COMPLETED, progress=progress)
+                    self._obs(batch, Kind.PROGRESS, upstream, origin, entry, progress=self._progress(batch))
                 )
-            else:
-                reading.observations.append(self._obs(batch, Kind.PROGRESS, upstream, origin, entry, progress=progress))
+        if entries and not batch.done:
+            # Every item was in already, counted while the batch was unsized (pushed by a resumed
+            # session before the first getResponse of a task restored without its numberResults).
+            self._complete(batch, upstream, origin, entries[-1], reading)
+
+    def _complete(self, batch: Batch, upstream: str, origin: Origin, entry: Any, reading: Reading) -> bool:
+        """COMPLETED once every promised item is in. An unsized batch is never complete: counting its
+        pushed items against Runware's default of one image completed a four-image task at its first."""
+        if batch.unsized or len(batch.items) < batch.total:
+            return False
+        self._end(batch, reading)
+        reading.observations.append(
+            self._obs(batch, Kind.STATE, upstream, origin, entry, state=State.COMPLETED, progress=self._progress(batch))
+        )
+        return True
+
+    @staticmethod
+    def _progress(batch: Batch) -> Progress:
+        done, total = len(batch.items), batch.total
+        if batch.unsized:  # items in, of a number not known yet
+            return Progress(step=done)
+        return Progress(percent=round(100.0 * min(done, total) / total, 2), step=done, steps=total)
 
     def _error(self, entry: Any, origin: Origin, reading: Reading) -> None:
         if not isinstance(entry, dict):

@@ -508,6 +508,7 @@ class RunwareProvider(Provider):
             model=job.model,
             prompt=job.prompt,
             items=parse_items(follow.get("items", "[]")),
+            unsized=not number.isdigit(),  # (killed before its follow-up data was stored: polled at once)
         )
         session = follow.get("session") or None
         polled = follow.get("via") != "ws" or session is None
