@@ -388,6 +388,37 @@ async def test_a_task_restored_without_its_size_is_not_completed_by_its_first_im
             tg.cancel_scope.cancel()
 
 
+async def test_a_restored_task_ended_by_its_resumed_session_gets_one_last_look() -> None:
+    """The dead daemon read a task's first image and was killed before it journaled it; the task then
+    failed while no daemon ran. The resumed session replays only the failure (the image was delivered),
+    so only a getResponse can still say that one image was made, and what it cost."""
+    emu = RunwareEmulator(speed=20, seed=11)
+    before = RecordingContext("runware")
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(emu.serve)
+            async with running(emu, ctx=before) as (first, _):
+                emu.faults.paused = True
+                [job] = await first.submit(before, request("[ok] old fisherman portrait", numberResults=2))
+                emu.force(job, items=1)
+                await before.wait_for(lambda: steps(before, job) == [1])
+            # What the journal held at the kill: the job as submitted, its follow-up data without the item.
+            after = RecordingContext("runware")
+            after.tracker.restore([Job(provider="runware", job=job, status=State.QUEUED)])
+            after.follows[job] = {k: v for k, v in before.follows[job].items() if k != "items"}
+            emu.force(job, fail=True)  # while no daemon runs: buffered for the session
+            async with running(emu, ctx=after):
+                await after.wait_for(lambda: (j := after.job(job)) is not None and bool(j.outputs))
+                truth = emu.truth[job]
+                assert truth.state == "failed" and len(truth.outputs) == 1
+                final = after.job(job)
+                assert final is not None and final.status is State.FAILED
+                assert list(final.outputs) == truth.outputs and final.cost == pytest.approx(truth.cost)
+                assert len(states(after, job, State.FAILED)) == 1
+                assert emu.resumed == 1
+            tg.cancel_scope.cancel()
+
+
 def test_a_job_restored_without_its_number_of_results_is_unsized() -> None:
     provider = RunwareProvider(settings_for(RunwareEmulator()))
     lost, kept = (Job(provider="runware", job=str(uuid.uuid4()), status=State.QUEUED) for _ in range(2))

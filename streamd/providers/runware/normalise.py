@@ -117,6 +117,7 @@ class Reading:
     heard: set[str] = field(default_factory=set)  # tasks this frame said anything about
     new_items: set[str] = field(default_factory=set)  # tasks that gained result items
     finished: set[str] = field(default_factory=set)  # tasks that reached a terminal state here
+    answered: set[str] = field(default_factory=set)  # tasks a getResponse answer covered (found or not)
 
 
 _TEXT_TYPES = (str, bytes, bytearray, memoryview)
@@ -318,6 +319,7 @@ class Normaliser:
         """One getResponse answer: one entry per generation, each with its own status."""
         batch = self._batch(task)
         reading.heard.add(task)
+        reading.answered.add(task)
         if batch.expected is None or batch.expected < len(entries):
             batch.expected = len(entries)
         batch.unsized = False  # (one entry per generation: now it is known)
@@ -415,6 +417,7 @@ class Normaliser:
             return
         if task_type == "getResponse":
             origin = Origin.POLL
+            reading.answered.add(task)
         if code in NOT_FOUND_CODES:
             reading.missing.add(task)
             reading.observations.append(self._diagnostic(task, origin, f"{code}: {message}", entry))

@@ -73,6 +73,10 @@ class _Task:
     polled: bool  # no push will come (REST, tracked, or its session's buffer was lost)
     poll_at: float  # monotonic time of its next getResponse
     polled_at: float | None = None  # monotonic time its last getResponse went out
+    # False for a task restored after a restart until a getResponse answer about it has been read: the
+    # dead process may have read frames it never journaled, and no resumed buffer holds those again.
+    checked: bool = True
+    last_look: bool = False  # ended before it was checked: kept for that one getResponse, then dropped
 
 
 @dataclass
@@ -512,7 +516,9 @@ class RunwareProvider(Provider):
         )
         session = follow.get("session") or None
         polled = follow.get("via") != "ws" or session is None
-        self._tasks[job.job] = _Task(job.job, follow, session, polled, now if polled else now + self.repair_after)
+        self._tasks[job.job] = _Task(
+            job.job, follow, session, polled, now if polled else now + self.repair_after, checked=False
+        )
 
     # -- every frame ends here -----------------------------------------------------------------
     def _read(self, payload: Any, origin: Origin) -> Reading:
@@ -560,8 +566,20 @@ class RunwareProvider(Provider):
                     waiter.rejected = message
                     waiter.event.set()
                     held.add(task_id)  # refused at submission: submit raises, no job exists
+            for task_id in reading.answered:
+                task = self._tasks.get(task_id)
+                if task is not None:
+                    task.checked = True
+                    if task.last_look:  # its items are in now (a late one is a log line with the outputs)
+                        self._tasks.pop(task_id)
             for task_id in reading.finished:
-                self._tasks.pop(task_id, None)
+                task = self._tasks.get(task_id)
+                if task is not None and not task.checked:
+                    # Restored, and ended by a push (a resumed session's buffer) before any getResponse:
+                    # one last look, for items the dead process read and never journaled.
+                    task.polled, task.poll_at, task.last_look = True, now, True
+                else:
+                    self._tasks.pop(task_id, None)
             observations += [o for o in reading.observations if o.job not in held] if held else reading.observations
         if observations:
             await ctx.emit(*observations)
