@@ -471,27 +471,14 @@ class Bench:
             f1.base.append(base_rate)
             rate, cpu, _ = self.daemon_throughput(channel, 1)
             f1.daemon.append(rate)
-            fc = self.fig(
-                f"cpu-{channel}",
-                f"cost per event, {label} (CPU µs)",
-                "µs/ev",
-                "≤ 3 x bare",
-                lambda d, b: d <= 3 * b,
-                base_name=f"bare {lib} loop",
-            )
-            fc.base.append(base_cpu)
-            fc.daemon.append(cpu)
             _, floor_cpu = self.bare_throughput(channel, floor=True)
-            ff = self.fig(
-                f"floor-{channel}",
-                f"  floor: read + journal only, {label} (CPU µs)",
-                "µs/ev",
-                "≤ 3 x bare",
-                lambda d, b: d <= 3 * b,
-                base_name=f"bare {lib} loop",
-            )
-            ff.base.append(base_cpu)
-            ff.daemon.append(floor_cpu)
+            for key, name, value in (
+                (f"cpu-{channel}", f"cost per event, {label} (CPU µs)", cpu),
+                (f"floor-{channel}", f"  floor: read + journal only, {label} (CPU µs)", floor_cpu),
+            ):
+                fc = self.fig(key, name, "µs/ev", "≤ 3 x bare", lambda d, b: d <= 3 * b, base_name=f"bare {lib} loop")
+                fc.base.append(base_cpu)
+                fc.daemon.append(value)
             self.say(
                 f"{label}: bare {base_rate:,.0f} ev/s, daemon {rate:,.0f} ev/s; cpu {cpu * 1e6:.2f} µs/ev "
                 f"(floor {floor_cpu * 1e6:.2f})"

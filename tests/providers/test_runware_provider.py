@@ -62,6 +62,15 @@ async def running(
                 await provider.aclose()
 
 
+@asynccontextmanager
+async def serving(emu: RunwareEmulator) -> AsyncIterator[None]:
+    """The emulator alone, outliving the providers (daemons) a test starts and stops on it."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(emu.serve)
+        yield
+        tg.cancel_scope.cancel()
+
+
 async def until(predicate: Callable[[], bool], within: float = 20.0) -> None:
     """For emulator-side conditions, which emit nothing a context could wait on."""
     with anyio.fail_after(within):
@@ -309,8 +318,7 @@ async def test_socket_down_submits_and_polls_over_rest_through_a_rate_limit() ->
 async def test_idle_connections_are_closed_but_pings_keep_the_provider_connected() -> None:
     emu = RunwareEmulator(speed=20, idle_timeout=0.4)
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            await tg.start(emu.serve)
+        async with serving(emu):
             async with connect(emu.settings().ws_url, proxy=None) as ws:
                 await ws.send(f'[{{"taskType": "authentication", "apiKey": "{emu.key}"}}]')
                 assert "connectionSessionUUID" in str(await ws.recv())
@@ -322,7 +330,6 @@ async def test_idle_connections_are_closed_but_pings_keep_the_provider_connected
                 await anyio.sleep(1.5)  # several idle windows
                 assert emu.idle_closes == 1
                 assert [h[0] for h in ctx.healths] == [Health.CONNECTED]
-            tg.cancel_scope.cancel()
 
 
 async def test_a_silent_socket_is_replaced_and_its_session_resumed() -> None:
@@ -343,8 +350,7 @@ async def test_a_restarted_daemon_resumes_the_remembered_session() -> None:
     emu = RunwareEmulator(speed=20, seed=11)
     ctx = RecordingContext("runware")  # survives the provider, as the journal's job store would
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            await tg.start(emu.serve)
+        async with serving(emu):
             async with running(emu, ctx=ctx) as (first, _):
                 emu.faults.paused = True
                 [job] = await first.submit(ctx, request("[ok] old fisherman portrait", numberResults=3))
@@ -358,7 +364,6 @@ async def test_a_restarted_daemon_resumes_the_remembered_session() -> None:
                 done = assert_matches_truth(ctx, emu, job)
                 assert done.origin is Origin.PUSH
                 assert emu.resumed == 1 and emu.unknown_resumes == 0
-            tg.cancel_scope.cancel()
 
 
 async def test_a_task_restored_without_its_size_is_not_completed_by_its_first_image() -> None:
@@ -370,8 +375,7 @@ async def test_a_task_restored_without_its_size_is_not_completed_by_its_first_im
     emu = RunwareEmulator(speed=20, seed=11)
     ctx = RecordingContext("runware")  # survives the provider, as the journal's job store would
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            await tg.start(emu.serve)
+        async with serving(emu):
             async with running(emu, ctx=ctx) as (first, _):
                 emu.faults.paused = True
                 await first.submit(ctx, request("[ok] a lighthouse at dusk", numberResults=2))
@@ -385,7 +389,6 @@ async def test_a_task_restored_without_its_size_is_not_completed_by_its_first_im
                 await ctx.wait_for(terminal(ctx, job))
                 assert_matches_truth(ctx, emu, job)
                 assert emu.resumed == 1
-            tg.cancel_scope.cancel()
 
 
 async def test_a_restored_task_ended_by_its_resumed_session_gets_one_last_look() -> None:
@@ -395,8 +398,7 @@ async def test_a_restored_task_ended_by_its_resumed_session_gets_one_last_look()
     emu = RunwareEmulator(speed=20, seed=11)
     before = RecordingContext("runware")
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            await tg.start(emu.serve)
+        async with serving(emu):
             async with running(emu, ctx=before) as (first, _):
                 emu.faults.paused = True
                 [job] = await first.submit(before, request("[ok] old fisherman portrait", numberResults=2))
@@ -416,7 +418,6 @@ async def test_a_restored_task_ended_by_its_resumed_session_gets_one_last_look()
                 assert list(final.outputs) == truth.outputs and final.cost == pytest.approx(truth.cost)
                 assert len(states(after, job, State.FAILED)) == 1
                 assert emu.resumed == 1
-            tg.cancel_scope.cancel()
 
 
 def test_a_job_restored_without_its_number_of_results_is_unsized() -> None:
