@@ -385,7 +385,7 @@ class Normaliser:
 
     def _complete(self, batch: Batch, upstream: str, origin: Origin, entry: Any, reading: Reading) -> bool:
         """COMPLETED once every promised item is in. An unsized batch is never complete: counting its
-        pushed items against Runware's default of one image completed a four-image task at its first."""
+        pushed items against Runware's default of one image completed a multi-image task at its first."""
         if batch.unsized or len(batch.items) < batch.total:
             return False
         self._end(batch, reading)
